@@ -135,6 +135,11 @@ class Args:
     return_scale_decay: float = 0.99
     """decay of P, the EMA of the 5th-95th percentile range of returns (Section 4.2)"""
 
+    # %% transformation args
+    # (none: the Dreamer baseline leaves its dreams as they are)
+
+
+# %% checks
 
 PROCGEN_GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
                  "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
@@ -170,6 +175,7 @@ def check_args(args):
         fail("--init-states", f"must be 'random' or 'collected', got {args.init_states!r}")
     if args.day_checkpoint is not None and not os.path.isfile(args.day_checkpoint):
         fail("--day-checkpoint", f"no file at {args.day_checkpoint!r}")
+    check_transformation_args(args)
 
 
 # %% environment
@@ -502,6 +508,15 @@ def gae(rewards, values, next_values, discounts, lam):
     return advantages
 
 
+def stack_trajectory(steps, last_value):
+    """Lists of per-step tensors to time-first float32 tensors [T, N, ...], with next_values[t] = v(s_{t+1})
+    (the last one from `last_value`, the value of the state after the final step)."""
+    traj = {k: torch.stack(v) for k, v in steps.items()}
+    traj = {k: v.float() if v.is_floating_point() else v for k, v in traj.items()}
+    traj["next_values"] = torch.cat([traj["values"][1:], last_value[None].float()])
+    return traj
+
+
 class ReturnScale:
     """P of Section 4.2 (DreamerV3): an EMA of the 5th-95th percentile range of the return targets;
     advantages are divided by max(1, P)."""
@@ -599,10 +614,8 @@ def imagine(wm, agent, h, z, horizon, args):
             reward, cont = wm.heads(state_features(h, z))
         for key, x in zip(keys, (s, action, logprob, value, reward, cont)):
             traj[key].append(x)
-    traj = {k: torch.stack(v) for k, v in traj.items()}
     with torch.no_grad(), autocast(h.device):
-        last_value = agent.value(state_features(h, z))
-    traj["next_values"] = torch.cat([traj["values"][1:], last_value[None]])
+        traj = stack_trajectory(traj, agent.value(state_features(h, z)))
     # The chance that the dream is still going at step t weighs that step's loss.
     traj["weights"] = torch.cat([torch.ones_like(traj["conts"][:1]), traj["conts"][:-1].cumprod(0)])
     stats = dict(reward_mean=traj["rewards"].mean().item(), cont_mean=traj["conts"].mean().item(),
@@ -612,6 +625,10 @@ def imagine(wm, agent, h, z, horizon, args):
 
 
 # %% transformation
+def check_transformation_args(args):
+    """The Dreamer baseline has no transformation flags to check."""
+
+
 def transform(h, z, wm, agent, args):
     """Dreamer baseline: dream states stay as the world model predicts them (no transformation)."""
     return h, z, torch.zeros(len(h), dtype=torch.bool, device=h.device)
@@ -680,7 +697,7 @@ def restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, datase
     return ckpt["progress"]
 
 
-# %% main
+# %% logging
 class Logger:
     """TensorBoard scalars and a line of progress per epoch in the terminal."""
 
@@ -707,6 +724,7 @@ class Logger:
               f"min left", flush=True)
 
 
+# %% day
 def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, test_envs, log, device):
     """Algorithm 1 by day: S random seed episodes, then E_d epochs of U_w world-model updates, T_d real
     steps with the agent acting on posterior states, a PPO update on them, and an evaluation."""
@@ -761,12 +779,8 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
             for key, x in zip(keys, (s, action, logprob, value, torch.as_tensor(shaped, device=device),
                                      torch.as_tensor(1.0 - done, device=device))):
                 traj[key].append(x)
-        traj = {k: torch.stack(v) for k, v in traj.items()}
         with torch.no_grad(), autocast(device):
-            last_value = agent.value(state_features(h, z))
-        traj["next_values"] = torch.cat([traj["values"][1:], last_value[None]]).float()
-        traj["values"] = traj["values"].float()
-        traj["rewards"] = traj["rewards"].float()
+            traj = stack_trajectory(traj, agent.value(state_features(h, z)))
         traj["weights"] = torch.ones_like(traj["rewards"])
         stats = train_agent(agent, agent_optimizer, return_scale, traj, args.day_gamma, args, device)
         step += args.day_steps
@@ -786,6 +800,7 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
     return dict(step=step, test_return=test_return)
 
 
+# %% night
 def night(args, wm, agent, agent_optimizer, return_scale, dataset, test_envs, log, device, step):
     """Algorithm 1 by night: E_n epochs of B_a U_a dreams of H steps from the frozen world model, a PPO
     update on them (gamma = 1 - 1/H, continuation-discounted), and an evaluation."""
@@ -801,7 +816,6 @@ def night(args, wm, agent, agent_optimizer, return_scale, dataset, test_envs, lo
             else:
                 h, z = collected_initial_states(wm, dataset, n, args)
         traj, dream_stats = imagine(wm, agent, h.float(), z.float(), args.horizon, args)
-        traj = {k: v.float() if v.is_floating_point() else v for k, v in traj.items()}
         stats = train_agent(agent, agent_optimizer, return_scale, traj, 1 - 1 / args.horizon, args, device)
         step += n * args.horizon
         sps = n * args.horizon / (time.time() - t0)
@@ -814,6 +828,7 @@ def night(args, wm, agent, agent_optimizer, return_scale, dataset, test_envs, lo
     return step
 
 
+# %% main
 def main(args):
     check_args(args)
     ckpt = load_checkpoint(args.day_checkpoint, args) if args.day_checkpoint else None
