@@ -84,6 +84,9 @@ class Args:
     """H: imagination horizon; the night's gamma is 1 - 1/H (Table 1)"""
     init_states: Literal["random", "collected"] = "random"
     """initial dream states: random (Eq. 2) or posterior states of collected data (Figure 3)"""
+    dream_images_every: int = 10
+    """log decoded dream states before and after their transformation every this many night epochs
+    (Figure 2, for one's own runs); 0 never"""
 
     # Networks (Table 1)
     categoricals: int = 32
@@ -163,8 +166,9 @@ def check_args(args):
     for name in POSITIVE_FLAGS:
         if getattr(args, name) <= 0:
             fail("--" + name.replace("_", "-"), f"must be a positive integer, got {getattr(args, name)}")
-    if args.night_epochs < 0:
-        fail("--night-epochs", f"must be 0 or more, got {args.night_epochs}")
+    for name in ("night_epochs", "dream_images_every"):
+        if getattr(args, name) < 0:
+            fail("--" + name.replace("_", "-"), f"must be 0 or more, got {getattr(args, name)}")
     if args.seq_len < 2:
         fail("--seq-len", f"must be 2 or more (a sequence needs a transition), got {args.seq_len}")
     if args.day_steps % args.num_envs:
@@ -624,13 +628,28 @@ def imagine(wm, agent, h, z, horizon, args):
     return traj, stats
 
 
+def log_dream_images(wm, agent, states, args, writer, step, n=4):
+    """Figure 2 for one's own runs: n dream states (rows) decoded before (left) and after (right) their
+    transformation, which is forced here."""
+    s = states[torch.randint(len(states), (n,), device=states.device)]
+    h, z = s[:, : wm.gru.hidden_size], s[:, wm.gru.hidden_size:].reshape(n, wm.C, wm.J)
+    h_new, z_new, _ = transform(h, z, wm, agent, args, force=True)
+    with torch.no_grad(), autocast(s.device):
+        images = wm.decoder(torch.cat([state_features(h, z), state_features(h_new, z_new)])).float()
+    images = (images + 0.5).clamp(0, 1)
+    writer.add_image("dream/before_after", torch.cat([torch.cat(list(images[:n]), 1),
+                                                      torch.cat(list(images[n:]), 1)], 2), step)
+
+
 # %% transformation
 def check_transformation_args(args):
     """The Dreamer baseline has no transformation flags to check."""
 
 
-def transform(h, z, wm, agent, args):
-    """Dreamer baseline: dream states stay as the world model predicts them (no transformation)."""
+def transform(h, z, wm, agent, args, force=False):
+    """Dreamer baseline: dream states stay as the world model predicts them (no transformation). A
+    transformation returns the new (h, z) and the mask of the states it changed, each state with
+    probability 1/H, or all of them when `force`."""
     return h, z, torch.zeros(len(h), dtype=torch.bool, device=h.device)
 
 
@@ -822,6 +841,8 @@ def night(args, wm, agent, agent_optimizer, return_scale, dataset, test_envs, lo
         test_return = evaluate(wm, agent, test_envs, args.test_repetitions, device)
         log.scalars("losses", stats, step)
         log.scalars("dream", dream_stats, step)
+        if args.dream_images_every and (epoch - 1) % args.dream_images_every == 0:
+            log_dream_images(wm, agent, traj["states"].flatten(0, 1), args, log.writer, step)
         log.scalars("charts", dict(test_return=test_return, SPS=sps), step)
         log.progress("night", epoch, args.night_epochs, step,
                      f"test {test_return:.2f} dream reward {dream_stats['reward_mean']:.3f} SPS {sps:.0f}")
