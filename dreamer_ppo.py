@@ -655,10 +655,13 @@ def transform(h, z, wm, agent, args, force=False):
 
 # %% evaluation
 @torch.no_grad()
-def evaluate(wm, agent, envs, repetitions, device):
-    """Mean game score of the current policy over the first `repetitions` episodes of each test
-    environment (full level distribution), acting on posterior states."""
-    n = envs.num_envs
+def evaluate(wm, agent, args, step, device):
+    """Mean game score of the current policy, acting on posterior states, over the first
+    `test_repetitions` episodes of each of `num_envs` test environments (the full level distribution).
+    ProcGen ignores resets, so every evaluation makes fresh environments, their levels drawn from the
+    seed and the step: no episode is counted half-played."""
+    envs = make_env(args.env_id, args.num_envs, 0, (args.seed * 1_000_003 + step) % 2**31)
+    n, repetitions = args.num_envs, args.test_repetitions
     obs = torch.as_tensor(envs.reset()["rgb"], device=device)
     h, z = wm.initial(n), torch.zeros(n, wm.C, wm.J, device=device)
     action, is_first = torch.zeros(n, dtype=torch.long, device=device), torch.ones(n, dtype=torch.bool, device=device)
@@ -674,6 +677,7 @@ def evaluate(wm, agent, envs, repetitions, device):
             score[i] = 0.0
         obs = torch.as_tensor(next_obs["rgb"], device=device)
         is_first = torch.as_tensor(done, device=device)
+    envs.close()
     return float(np.mean([s[:repetitions] for s in scores]))
 
 
@@ -744,7 +748,7 @@ class Logger:
 
 
 # %% day
-def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, test_envs, log, device):
+def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device):
     """Algorithm 1 by day: S random seed episodes, then E_d epochs of U_w world-model updates, T_d real
     steps with the agent acting on posterior states, a PPO update on them, and an evaluation."""
     penalty, scale = reward_shaping(args)
@@ -804,7 +808,7 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
         stats = train_agent(agent, agent_optimizer, return_scale, traj, args.day_gamma, args, device)
         step += args.day_steps
         sps = args.day_steps / (time.time() - t1)
-        test_return = evaluate(wm, agent, test_envs, args.test_repetitions, device)
+        test_return = evaluate(wm, agent, args, step, device)
         wm_means = {k: float(np.mean([m[k] for m in wm_stats])) for k in wm_stats[0]}
         log.scalars("world_model", wm_means, step)
         log.scalars("losses", stats, step)
@@ -820,7 +824,7 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
 
 
 # %% night
-def night(args, wm, agent, agent_optimizer, return_scale, dataset, test_envs, log, device, step):
+def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, step):
     """Algorithm 1 by night: E_n epochs of B_a U_a dreams of H steps from the frozen world model, a PPO
     update on them (gamma = 1 - 1/H, continuation-discounted), and an evaluation."""
     wm.requires_grad_(False)
@@ -838,7 +842,7 @@ def night(args, wm, agent, agent_optimizer, return_scale, dataset, test_envs, lo
         stats = train_agent(agent, agent_optimizer, return_scale, traj, 1 - 1 / args.horizon, args, device)
         step += n * args.horizon
         sps = n * args.horizon / (time.time() - t0)
-        test_return = evaluate(wm, agent, test_envs, args.test_repetitions, device)
+        test_return = evaluate(wm, agent, args, step, device)
         log.scalars("losses", stats, step)
         log.scalars("dream", dream_stats, step)
         if args.dream_images_every and (epoch - 1) % args.dream_images_every == 0:
@@ -861,7 +865,6 @@ def main(args):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     envs = make_env(args.env_id, args.num_envs, args.num_levels, args.seed)
-    test_envs = make_env(args.env_id, args.num_envs, 0, args.seed + 1)
     num_actions = envs.action_space.n
     wm = WorldModel(args, num_actions).to(device)
     agent = Agent(wm.feat_dim, num_actions, args).to(device)
@@ -876,8 +879,7 @@ def main(args):
           f"{args.agent_batch_size * args.agent_updates} dreams", flush=True)
 
     if ckpt is None:
-        progress = day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, test_envs, log,
-                       device)
+        progress = day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device)
         if args.save_day:
             path = f"runs/{run_name}/day.pt"
             save_checkpoint(path, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, args, progress)
@@ -887,9 +889,8 @@ def main(args):
         log.scalars("charts", dict(test_return=progress["test_return"]), progress["step"])
         print(f"night from {args.day_checkpoint}: day ended at step {progress['step']:,} with test return "
               f"{progress['test_return']:.2f}", flush=True)
-    night(args, wm, agent, agent_optimizer, return_scale, dataset, test_envs, log, device, progress["step"])
+    night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, progress["step"])
     envs.close()
-    test_envs.close()
     log.writer.close()
 
 
