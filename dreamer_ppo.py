@@ -522,8 +522,9 @@ def stack_trajectory(steps, last_value):
 
 
 class ReturnScale:
-    """P of Section 4.2 (DreamerV3): an EMA of the 5th-95th percentile range of the return targets;
-    advantages are divided by max(1, P)."""
+    """P of Section 4.2 (DreamerV3): an EMA of the 5th-95th percentile range of the return targets,
+    updated on every minibatch (DreamerV3 updates it every training batch); advantages are divided by
+    max(1, P)."""
 
     def __init__(self, decay):
         self.decay, self.value = decay, 0.0
@@ -534,9 +535,10 @@ class ReturnScale:
         return max(1.0, self.value)
 
 
-def ppo_update(agent, optimizer, batch, num_minibatches, args, device):
+def ppo_update(agent, optimizer, return_scale, batch, num_minibatches, args, device):
     """PPO (Eqs. 6-8) for `update_epochs` iterations over `num_minibatches` minibatches of the flat
-    `batch` (states, actions, logprobs, advantages, targets, weights); each sample's loss is weighted."""
+    `batch` (states, actions, logprobs, advantages, targets, weights): each minibatch's advantages are
+    divided by max(1, P) and each sample's loss is weighted."""
     n = len(batch["actions"])
     size = max(1, n // num_minibatches)
     stats = []
@@ -544,11 +546,12 @@ def ppo_update(agent, optimizer, batch, num_minibatches, args, device):
         perm = torch.randperm(n, device=device)
         for start in range(0, size * num_minibatches, size):
             mb = {k: v[perm[start:start + size]] for k, v in batch.items()}
+            scale = return_scale.update(mb["targets"])
+            advantages = mb["advantages"] / scale
             with autocast(device):
                 _, logprob, entropy, critic_logits, _ = agent.get_action_and_value(mb["states"], mb["actions"])
             ratio = (logprob - mb["logprobs"]).exp()
-            pg_loss = -torch.min(ratio * mb["advantages"],
-                                 ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * mb["advantages"])
+            pg_loss = -torch.min(ratio * advantages, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * advantages)
             v_loss = twohot_loss(critic_logits, mb["targets"], agent.bins)
             w = mb["weights"]
             loss = (w * (pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy)).sum() / w.sum()
@@ -559,23 +562,20 @@ def ppo_update(agent, optimizer, batch, num_minibatches, args, device):
             with torch.no_grad():
                 stats.append(torch.stack([loss, (w * pg_loss).sum() / w.sum(), (w * v_loss).sum() / w.sum(),
                                           (w * entropy).sum() / w.sum(), ((ratio - 1) - ratio.log()).mean(),
-                                          ((ratio - 1).abs() > args.clip_coef).float().mean()]))
-    names = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")
+                                          ((ratio - 1).abs() > args.clip_coef).float().mean(),
+                                          torch.tensor(scale, device=device)]))
+    names = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "return_scale")
     return dict(zip(names, torch.stack(stats).mean(0).tolist()))
 
 
 def train_agent(agent, optimizer, return_scale, traj, gamma, args, device):
-    """GAE on a batch of trajectories (time-first), advantages over max(1, P), critic targets A + v
-    (Eq. 8), then PPO. `traj` holds states, actions, logprobs, values, next_values, rewards, conts, weights."""
+    """GAE on a batch of trajectories (time-first), critic targets A + v (Eq. 8), then PPO. `traj` holds
+    states, actions, logprobs, values, next_values, rewards, conts, weights."""
     advantages = gae(traj["rewards"], traj["values"], traj["next_values"], gamma * traj["conts"], args.gae_lambda)
-    targets = advantages + traj["values"]
-    scale = return_scale.update(targets)
-    batch = dict(states=traj["states"].flatten(0, 1), actions=traj["actions"].flatten(0, 1),
-                 logprobs=traj["logprobs"].flatten(0, 1), advantages=(advantages / scale).flatten(0, 1),
-                 targets=targets.flatten(0, 1), weights=traj["weights"].flatten(0, 1))
-    stats = ppo_update(agent, optimizer, batch, args.agent_updates, args, device)
-    stats["return_scale"] = scale
-    return stats
+    batch = dict(states=traj["states"], actions=traj["actions"], logprobs=traj["logprobs"], advantages=advantages,
+                 targets=advantages + traj["values"], weights=traj["weights"])
+    return ppo_update(agent, optimizer, return_scale, {k: v.flatten(0, 1) for k, v in batch.items()},
+                      args.agent_updates, args, device)
 
 
 # %% dreams
