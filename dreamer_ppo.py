@@ -242,7 +242,7 @@ def sample_onehot(probs):
     """One-hot samples [..., C, J] with straight-through gradients."""
     index = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
     sample = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
-    return sample + probs - probs.detach()
+    return sample + (probs - probs.detach())
 
 
 def categorical_kl(p, q):
@@ -539,13 +539,10 @@ def ppo_update(agent, optimizer, return_scale, batch, num_minibatches, args, dev
     """PPO (Eqs. 6-8) for `update_epochs` iterations over `num_minibatches` minibatches of the flat
     `batch` (states, actions, logprobs, advantages, targets, weights): each minibatch's advantages are
     divided by max(1, P) and each sample's loss is weighted."""
-    n = len(batch["actions"])
-    size = max(1, n // num_minibatches)
     stats = []
     for _ in range(args.update_epochs):
-        perm = torch.randperm(n, device=device)
-        for start in range(0, size * num_minibatches, size):
-            mb = {k: v[perm[start:start + size]] for k, v in batch.items()}
+        for index in torch.randperm(len(batch["actions"]), device=device).chunk(num_minibatches):
+            mb = {k: v[index] for k, v in batch.items()}
             scale = return_scale.update(mb["targets"])
             advantages = mb["advantages"] / scale
             with autocast(device):
@@ -763,8 +760,11 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
         score += reward
         score[done] = 0.0
         obs, is_first, step, episodes = next_obs["rgb"], done, step + n, episodes + done.sum()
-    h, z = wm.initial(n), torch.zeros(n, wm.C, wm.J, device=device)
-    prev_action = torch.zeros(n, dtype=torch.long, device=device)
+    # The agent's state s_t of the current frame; from here on each real frame is filtered once.
+    with torch.no_grad(), autocast(device):
+        h, z = wm.filter_step(wm.initial(n), torch.zeros(n, wm.C, wm.J, device=device),
+                              torch.zeros(n, dtype=torch.long, device=device), torch.as_tensor(obs, device=device),
+                              torch.ones(n, dtype=torch.bool, device=device))
     test_return = None
     for epoch in range(1, args.day_epochs + 1):
         t0 = time.time()
@@ -781,9 +781,6 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
         t1 = time.time()
         keys = ("states", "actions", "logprobs", "values", "rewards", "conts")
         traj, finished = {k: [] for k in keys}, []
-        with torch.no_grad(), autocast(device):
-            h, z = wm.filter_step(h, z, prev_action, torch.as_tensor(obs, device=device),
-                                  torch.as_tensor(is_first, device=device))
         for _ in range(args.day_steps // n):
             s = state_features(h, z)
             with torch.no_grad(), autocast(device):
@@ -795,7 +792,7 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
             score += reward
             finished += list(score[done])
             score[done] = 0.0
-            obs, is_first, prev_action = next_obs["rgb"], done, action
+            obs, is_first = next_obs["rgb"], done
             with torch.no_grad(), autocast(device):
                 h, z = wm.filter_step(h, z, action, torch.as_tensor(obs, device=device),
                                       torch.as_tensor(done, device=device))

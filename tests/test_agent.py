@@ -1,0 +1,237 @@
+"""The agent block (GAE, return scale, PPO) and the dreams block (initial states, imagination)."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import dreamer_ppo
+from dreamer_ppo import (ReturnScale, check_args, gae, imagine, ppo_update, random_initial_states,
+                         stack_trajectory, state_features, train_agent)
+from conftest import CPU, NUM_ACTIONS, is_onehot, make_models, tiny_args
+
+
+
+# %% GAE (Eq. 9)
+def test_gae_by_hand_with_a_termination():
+    # one trajectory of 3 steps ending (discount 0) after step 1, and a second one that goes on
+    rewards = torch.tensor([[1.0, 0.0], [2.0, 1.0], [3.0, -1.0]])
+    values = torch.tensor([[0.5, 1.0], [1.0, 1.0], [1.5, 2.0]])
+    next_values = torch.tensor([[1.0, 1.0], [1.5, 2.0], [2.0, 4.0]])
+    discounts = torch.tensor([[0.9, 0.9], [0.0, 0.9], [0.9, 0.9]])
+    lam = 0.5
+    # column 0: delta_t = r_t + d_t v_{t+1} - v_t, A_t = delta_t + lam d_t A_{t+1}
+    d2 = 3.0 + 0.9 * 2.0 - 1.5                        # 3.3
+    a2 = d2                                           # 3.3
+    d1 = 2.0 + 0.0 * 1.5 - 1.0                        # 1.0
+    a1 = d1 + 0.5 * 0.0 * a2                          # 1.0: the termination cuts A_2 off
+    d0 = 1.0 + 0.9 * 1.0 - 0.5                        # 1.4
+    a0 = d0 + 0.5 * 0.9 * a1                          # 1.85
+    # column 1
+    e2 = -1.0 + 0.9 * 4.0 - 2.0                       # 0.6
+    e1 = 1.0 + 0.9 * 2.0 - 1.0                        # 1.8
+    e0 = 0.0 + 0.9 * 1.0 - 1.0                        # -0.1
+    b2 = e2
+    b1 = e1 + 0.45 * b2                               # 2.07
+    b0 = e0 + 0.45 * b1                               # 0.8315
+    expected = torch.tensor([[a0, b0], [a1, b1], [a2, b2]])
+    assert torch.allclose(gae(rewards, values, next_values, discounts, lam), expected, atol=1e-6)
+    assert expected[:, 0].tolist() == pytest.approx([1.85, 1.0, 3.3])
+    assert expected[:, 1].tolist() == pytest.approx([0.8315, 2.07, 0.6])
+
+
+def test_gae_lambda_one_is_discounted_return_minus_value():
+    rewards = torch.tensor([[1.0], [2.0], [4.0]])
+    values = torch.tensor([[0.3], [0.2], [0.1]])
+    next_values = torch.tensor([[0.2], [0.1], [10.0]])
+    discounts = torch.full((3, 1), 0.5)
+    # lambda = 1: A_0 = r_0 + .5 r_1 + .25 r_2 + .125 v_3 - v_0
+    assert gae(rewards, values, next_values, discounts, 1.0)[0, 0].item() == pytest.approx(
+        1.0 + 0.5 * 2.0 + 0.25 * 4.0 + 0.125 * 10.0 - 0.3)
+
+
+def test_stack_trajectory_next_values():
+    steps = dict(values=[torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])],
+                 actions=[torch.tensor([0, 1]), torch.tensor([2, 3])])
+    traj = stack_trajectory(steps, torch.tensor([5.0, 6.0]))
+    assert traj["values"].shape == (2, 2) and traj["actions"].dtype == torch.int64
+    assert traj["next_values"].tolist() == [[3.0, 4.0], [5.0, 6.0]]
+
+
+# %% return scale
+def test_return_scale_first_update():
+    scale = ReturnScale(0.99)
+    assert scale.value == 0.0
+    returns = torch.arange(101.0)  # the 5th and 95th percentiles are 5 and 95
+    assert scale.update(returns) == 1.0  # max(1, 0.01 * 90)
+    assert scale.value == pytest.approx(0.01 * (95 - 5))
+    # second update: 0.99 * 0.9 + 0.01 * 90 = 1.791, now above 1
+    assert scale.update(returns) == pytest.approx(0.99 * 0.9 + 0.01 * 90)
+    assert scale.value == pytest.approx(1.791)
+
+
+def test_return_scale_large_returns():
+    scale = ReturnScale(0.99)
+    returns = (torch.arange(101.0) * 1000).reshape(101, 1)  # percentiles 5000 and 95000
+    p = scale.update(returns)
+    assert p == pytest.approx(0.01 * 90000) and p > 1
+    assert scale.value == pytest.approx(900.0)
+
+
+# %% PPO
+def flat_batch(n, feat_dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(states=torch.randn(n, feat_dim, generator=g), actions=torch.randint(NUM_ACTIONS, (n,), generator=g),
+                logprobs=torch.full((n,), -math.log(NUM_ACTIONS)), advantages=torch.randn(n, generator=g),
+                targets=torch.randn(n, generator=g) * 3, weights=torch.ones(n))
+
+
+def test_ppo_update_follows_the_advantage(models):
+    wm, agent = models
+    args = tiny_args(update_epochs=4, agent_updates=2)
+    batch = flat_batch(64, wm.feat_dim)
+    batch["actions"][:] = 3
+    batch["advantages"] = torch.ones(64)  # action 3 is better than expected everywhere
+    opt = torch.optim.Adam(agent.parameters(), lr=1e-3)
+    with torch.no_grad():
+        before = agent.get_action_and_value(batch["states"], batch["actions"])[1].mean()
+    stats = ppo_update(agent, opt, ReturnScale(args.return_scale_decay), batch, args.agent_updates, args, CPU)
+    with torch.no_grad():
+        after = agent.get_action_and_value(batch["states"], batch["actions"])[1].mean()
+    assert after > before
+    assert set(stats) == {"loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac",
+                          "return_scale"}
+    assert all(np.isfinite(v) for v in stats.values())
+    assert 0 < stats["entropy"] <= math.log(NUM_ACTIONS) + 1e-6  # at most the uniform policy's
+    assert stats["policy_loss"] < 0  # positive advantages, ratios near 1
+
+
+def test_ppo_zero_weights_do_not_train(args, models):
+    wm, agent = models
+    batch = flat_batch(16, wm.feat_dim)
+    batch["weights"] = torch.zeros(16)
+    batch["weights"][0] = 1.0
+    opt = torch.optim.Adam(agent.parameters(), lr=1e-3)
+    ppo_update(agent, opt, ReturnScale(args.return_scale_decay), dict(batch), 1, args, CPU)
+    # only sample 0 counts: the same update from sample 0 alone gives the same agent
+    _, agent2 = make_models(args)
+    opt2 = torch.optim.Adam(agent2.parameters(), lr=1e-3)
+    ppo_update(agent2, opt2, ReturnScale(args.return_scale_decay), {k: v[:1] for k, v in batch.items()}, 1, args, CPU)
+    for p, q in zip(agent.parameters(), agent2.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_day_batch_smaller_than_minibatch_count_is_refused_or_works(models):
+    # By day the PPO batch has day_steps samples split into agent_updates minibatches. With fewer samples than
+    # minibatches either check_args refuses the flags or the update still works on the samples there are.
+    wm, agent = models
+    args = tiny_args(day_steps=10, num_envs=5, agent_updates=26)
+    try:
+        check_args(args)
+    except SystemExit as e:
+        assert "--day-steps" in str(e) or "--agent-updates" in str(e)
+        return
+    opt = torch.optim.Adam(agent.parameters(), lr=1e-3)
+    stats = ppo_update(agent, opt, ReturnScale(args.return_scale_decay), flat_batch(args.day_steps, wm.feat_dim),
+                       args.agent_updates, args, CPU)
+    assert all(np.isfinite(v) for v in stats.values())
+
+
+def test_train_agent_hands_gae_and_targets_to_ppo(args, models, monkeypatch):
+    wm, agent = models
+    T, N = 4, 3
+    g = torch.Generator().manual_seed(0)
+    traj = dict(states=torch.randn(T, N, wm.feat_dim, generator=g), actions=torch.randint(NUM_ACTIONS, (T, N)),
+                logprobs=torch.full((T, N), -math.log(NUM_ACTIONS)), values=torch.full((T, N), 2.0),
+                next_values=torch.full((T, N), 2.0), rewards=torch.full((T, N), 1000.0), conts=torch.ones(T, N),
+                weights=torch.ones(T, N))
+    seen = {}
+    monkeypatch.setattr(dreamer_ppo, "ppo_update", lambda agent, opt, scale, batch, *a: seen.update(batch) or {})
+    train_agent(agent, None, ReturnScale(0.99), traj, 0.5, args, CPU)
+    expected_adv = gae(traj["rewards"], traj["values"], traj["next_values"], 0.5 * traj["conts"], args.gae_lambda)
+    assert torch.allclose(seen["advantages"], expected_adv.flatten())
+    assert torch.allclose(seen["targets"], (expected_adv + 2.0).flatten())  # V_target = A + v (Eq. 8)
+    assert seen["states"].shape == (T * N, wm.feat_dim)
+
+
+def test_ppo_update_divides_advantages_by_the_scale(args):
+    # With the critic and entropy terms off, an update with advantages A and return targets whose
+    # percentile range is p > 1 moves the actor exactly as one with advantages A / p and P <= 1.
+    args = dataclasses.replace(args, vf_coef=0.0, ent_coef=0.0, update_epochs=1)
+    batch = flat_batch(32, make_models(args)[1].actor[0].in_features)
+    batch["targets"] = torch.linspace(0.0, 100.0, 32)
+    p = (torch.quantile(batch["targets"], 0.95) - torch.quantile(batch["targets"], 0.05)).item()
+    actors = []
+    for advantages, targets in ((batch["advantages"], batch["targets"]), (batch["advantages"] / p, batch["targets"] / p)):
+        torch.manual_seed(0)
+        _, agent = make_models(args)
+        opt = torch.optim.SGD(agent.parameters(), lr=0.1)
+        stats = ppo_update(agent, opt, ReturnScale(0.0), dict(batch, advantages=advantages, targets=targets), 1,
+                           args, CPU)
+        actors.append([q.detach().clone() for q in agent.actor.parameters()])
+    assert stats["return_scale"] == 1.0  # targets / p have a percentile range of 1
+    for a, b in zip(*actors):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert any(not torch.allclose(a, q) for a, q in zip(actors[0], make_models(args)[1].actor.parameters()))
+
+
+# %% dreams
+def test_random_initial_states(args, models):
+    wm, _ = models
+    torch.manual_seed(0)
+    with torch.no_grad():
+        h, z = random_initial_states(wm, 7)
+    assert h.shape == (7, args.rnn_units)
+    assert z.shape == (7, args.categoricals, args.classes)
+    assert is_onehot(z)
+    assert (h.std(0) > 0).any() and not torch.allclose(h[0], h[1])
+
+
+def test_imagine_shapes_weights_and_values(args, models):
+    wm, agent = models
+    H, N = 5, 6
+    torch.manual_seed(0)
+    with torch.no_grad():
+        h, z = random_initial_states(wm, N)
+    traj, stats = imagine(wm, agent, h, z, H, args)
+    for key in ("actions", "logprobs", "values", "rewards", "conts", "weights", "next_values"):
+        assert traj[key].shape == (H, N), key
+    assert traj["states"].shape == (H, N, wm.feat_dim)
+    assert torch.equal(traj["states"][0], state_features(h, z))
+    assert ((traj["actions"] >= 0) & (traj["actions"] < NUM_ACTIONS)).all()
+    assert (traj["logprobs"] <= 0).all()
+    assert ((traj["conts"] >= 0) & (traj["conts"] <= 1)).all()
+    assert (traj["weights"][0] == 1).all()
+    assert (traj["weights"][1:] <= traj["weights"][:-1]).all()
+    assert torch.allclose(traj["weights"][1:], traj["conts"][:-1].cumprod(0))
+    assert torch.equal(traj["next_values"][:-1], traj["values"][1:])
+    # the reward and continuation of step t are predicted from the next dream state
+    with torch.no_grad():
+        reward, cont = wm.heads(traj["states"][1:])
+        assert torch.allclose(reward, traj["rewards"][:-1], atol=1e-6)
+        assert torch.allclose(cont, traj["conts"][:-1], atol=1e-6)
+        assert torch.allclose(agent.value(traj["states"]), traj["values"], atol=1e-6)
+    # every dream state is a valid latent
+    assert is_onehot(traj["states"][..., args.rnn_units:].reshape(H, N, args.categoricals, args.classes))
+    assert stats["transformed_frac"] == 0 and stats["value_move"] == 0.0
+    assert stats["reward_mean"] == pytest.approx(traj["rewards"].mean().item())
+    assert stats["cont_mean"] == pytest.approx(traj["conts"].mean().item())
+
+
+def test_imagine_does_not_train_the_world_model(args, models):
+    wm, agent = models
+    with torch.no_grad():
+        h, z = random_initial_states(wm, 4)
+    traj, _ = imagine(wm, agent, h, z, 3, args)
+    assert not any(v.requires_grad for v in traj.values())
+
+
+def test_collected_initial_states(args, models, coinrun_dataset):
+    wm, _ = models
+    np.random.seed(0)
+    with torch.no_grad():
+        h, z = dreamer_ppo.collected_initial_states(wm, coinrun_dataset, 10, args)
+    assert h.shape == (10, args.rnn_units) and z.shape == (10, args.categoricals, args.classes)
+    assert is_onehot(z)

@@ -1,0 +1,248 @@
+"""Bad input, day checkpoints, and whole runs of the script at tiny sizes (TensorBoard curves, day.pt, a
+night-only run from a day checkpoint)."""
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dreamer_ppo import (ReplayDataset, ReturnScale, check_args, load_checkpoint, random_initial_states, restore,
+                         save_checkpoint)
+from conftest import SIZE_FLAGS, crafted_dataset, finish, make_models, make_optimizers, random_batch, run_script, \
+    tiny_args
+
+
+# %% bad input
+@pytest.mark.parametrize("changes, flag, words", [
+    (dict(env_id="pong"), "--env-id", ["'pong'", "coinrun", "starpilot", "bigfish"]),
+    (dict(wm_batch_size=0), "--wm-batch-size", ["positive", "0"]),
+    (dict(rnn_units=-4), "--rnn-units", ["positive", "-4"]),
+    (dict(day_steps=102, num_envs=4), "--day-steps", ["multiple", "--num-envs", "102"]),
+    (dict(seq_len=1), "--seq-len", ["2"]),
+    (dict(reward_seq_fraction=1.5), "--reward-seq-fraction", ["[0, 1]"]),
+    (dict(night_epochs=-1), "--night-epochs", ["-1"]),
+    (dict(dream_images_every=-1), "--dream-images-every", ["-1"]),
+    (dict(day_checkpoint="nowhere/day.pt"), "--day-checkpoint", ["nowhere/day.pt"]),
+])
+def test_check_args_refuses_bad_input(changes, flag, words):
+    with pytest.raises(SystemExit) as e:
+        check_args(tiny_args(**changes))
+    message = str(e.value)
+    assert flag in message
+    for word in words:
+        assert word in message
+
+
+def test_check_args_accepts_tiny_sizes(tmp_path):
+    check_args(tiny_args())
+    check_args(tiny_args(night_epochs=0, reward_seq_fraction=0.0, seq_len=2))
+    (tmp_path / "day.pt").write_bytes(b"")
+    check_args(tiny_args(day_checkpoint=str(tmp_path / "day.pt")))
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--init-states", "foo"], ["--init-states", "random", "collected"]),
+    (["--env-id", "pong"], ["--env-id", "coinrun", "starpilot"]),
+    (["--wm-batch-size", "0"], ["--wm-batch-size"]),
+])
+def test_script_fails_fast_on_bad_flags(tmp_path, flags, words):
+    code, out, err = finish(run_script(flags, tmp_path), timeout=120)
+    assert code != 0
+    for word in words:
+        assert word in err
+    assert not (tmp_path / "runs").exists()
+
+
+# %% day checkpoints
+def trained_state(args, seed):
+    """Tiny models, optimizers with a step taken, a return scale with an update, and a dataset."""
+    wm, agent = make_models(args, seed)
+    wm_opt, agent_opt = make_optimizers(wm, agent, args)
+    loss, _, _ = wm.loss(random_batch(2, 3, seed=seed), args)
+    loss.backward()
+    wm_opt.step()
+    agent.value(torch.randn(5, wm.feat_dim)).pow(2).mean().add(agent.actor(torch.randn(5, wm.feat_dim)).mean()) \
+        .backward()
+    agent_opt.step()
+    scale = ReturnScale(args.return_scale_decay)
+    scale.update(torch.arange(101.0) * (seed + 1))
+    return wm, agent, wm_opt, agent_opt, scale
+
+
+def outputs(wm, agent, args):
+    """What the models compute on a fixed input."""
+    g = torch.Generator().manual_seed(42)
+    s = torch.randn(6, wm.feat_dim, generator=g)
+    h = torch.randn(6, args.rnn_units, generator=g)
+    with torch.no_grad():
+        return dict(value=agent.value(s), logits=agent.actor(s), prior=wm.prior(h))
+
+
+def test_checkpoint_round_trip(tmp_path):
+    args = tiny_args()
+    path = tmp_path / "day.pt"
+    wm, agent, wm_opt, agent_opt, scale = trained_state(args, seed=0)
+    dataset = crafted_dataset(num_envs=args.num_envs, steps=30, capacity=30)
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    save_checkpoint(path, wm, agent, wm_opt, agent_opt, scale, dataset, args, dict(step=345, test_return=2.5))
+    expected_rng = (torch.rand(3), np.random.rand(3), random.random())
+    expected = outputs(wm, agent, args)
+
+    wm2, agent2, wm_opt2, agent_opt2, scale2 = trained_state(args, seed=1)
+    dataset2 = ReplayDataset(args.num_envs, 5)
+    before = outputs(wm2, agent2, args)
+    assert not torch.allclose(before["logits"], expected["logits"])
+    assert not torch.allclose(before["prior"], expected["prior"])
+    assert scale2.value != scale.value
+    torch.manual_seed(0)  # another RNG state than at saving
+    progress = restore(load_checkpoint(str(path), args), wm2, agent2, wm_opt2, agent_opt2, scale2, dataset2, 100)
+    after_rng = (torch.rand(3), np.random.rand(3), random.random())
+
+    assert progress == dict(step=345, test_return=2.5)
+    assert torch.equal(after_rng[0], expected_rng[0])
+    assert np.array_equal(after_rng[1], expected_rng[1]) and after_rng[2] == expected_rng[2]
+    after = outputs(wm2, agent2, args)
+    for key in expected:
+        assert torch.equal(after[key], expected[key]), key
+    assert scale2.value == scale.value
+    assert dataset2.size == dataset.size == 30
+    for key, value in dataset.state_dict().items():
+        assert np.array_equal(dataset2.state_dict()[key], value), key
+    for a, b in ((wm_opt, wm_opt2), (agent_opt, agent_opt2)):
+        sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+        assert sa.keys() == sb.keys() and len(sa) > 0
+        for k in sa:
+            assert torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"])
+    # the restored world model dreams as the saved one
+    torch.manual_seed(3)
+    h1, _ = random_initial_states(wm, 4)
+    torch.manual_seed(3)
+    h2, _ = random_initial_states(wm2, 4)
+    assert torch.equal(h1, h2)
+
+
+@pytest.mark.parametrize("changes, flag", [
+    (dict(categoricals=8), "--categoricals"),
+    (dict(rnn_units=64), "--rnn-units"),
+    (dict(env_id="starpilot"), "--env-id"),
+    (dict(num_envs=5, day_steps=100), "--num-envs"),
+])
+def test_load_checkpoint_refuses_other_settings(tmp_path, changes, flag):
+    args = tiny_args()
+    path = tmp_path / "day.pt"
+    wm, agent, wm_opt, agent_opt, scale = trained_state(args, seed=0)
+    save_checkpoint(path, wm, agent, wm_opt, agent_opt, scale, crafted_dataset(steps=10), args, dict(step=1))
+    with pytest.raises(SystemExit) as e:
+        load_checkpoint(str(path), tiny_args(**changes))
+    message = str(e.value)
+    assert "--day-checkpoint" in message and flag in message
+    # a checkpoint with the same sizes loads (other flags may differ)
+    assert load_checkpoint(str(path), tiny_args(night_epochs=7, horizon=3))["progress"] == dict(step=1)
+
+
+def test_load_checkpoint_refuses_other_files(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        load_checkpoint(str(path), tiny_args())
+    assert "--day-checkpoint" in str(e.value) and "notes.pt" in str(e.value)
+
+
+# %% whole runs
+def flag(name):
+    return int(SIZE_FLAGS[SIZE_FLAGS.index(name) + 1])
+
+
+INIT_STATES = ("random", "collected")
+DAY_EPOCHS, NIGHT_EPOCHS = 2, 2
+AGENT_BATCH, AGENT_UPDATES, HORIZON = flag("--agent-batch-size"), flag("--agent-updates"), flag("--horizon")
+DAY_STEPS = flag("--day-steps")
+
+
+def read_events(run_dir):
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def scalars(run_dir):
+    acc = read_events(run_dir)
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def single_run_dir(cwd):
+    runs = list((Path(cwd) / "runs").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def day_runs(tmp_path_factory):
+    """Day + night runs, one per kind of initial dream state, side by side (one core each), saving the day."""
+    procs = {}
+    for init in INIT_STATES:
+        cwd = tmp_path_factory.mktemp(f"run_{init}")
+        procs[init] = (cwd, run_script(["--init-states", init, "--day-epochs", str(DAY_EPOCHS), "--night-epochs",
+                                        str(NIGHT_EPOCHS), "--save-day", *SIZE_FLAGS], cwd))
+    results = {}
+    for init, (cwd, proc) in procs.items():
+        code, out, err = finish(proc)
+        assert code == 0, f"{init} run failed:\n{out[-3000:]}\n{err[-3000:]}"
+        run_dir = single_run_dir(cwd)
+        results[init] = dict(run_dir=run_dir, out=out, scalars=scalars(run_dir),
+                             images=read_events(run_dir).Tags()["images"])
+    return results
+
+
+@pytest.mark.parametrize("init", INIT_STATES)
+def test_day_and_night_run(day_runs, init):
+    run = day_runs[init]
+    tags = run["scalars"]
+    test_return = tags["charts/test_return"]
+    steps = [s for s, _ in test_return]
+    assert len(steps) == DAY_EPOCHS + NIGHT_EPOCHS
+    assert all(a < b for a, b in zip(steps, steps[1:]))
+    day_end = steps[DAY_EPOCHS - 1]
+    assert steps[1] - steps[0] == DAY_STEPS  # real steps over all environments by day
+    dreamed = AGENT_BATCH * AGENT_UPDATES * HORIZON
+    assert steps[DAY_EPOCHS:] == [day_end + dreamed * k for k in range(1, NIGHT_EPOCHS + 1)]
+    assert all(np.isfinite(v) and v >= 0 for _, v in test_return)  # coinrun scores are 0 or 10
+    for tag in ("world_model/loss", "world_model/image_loss", "losses/value_loss", "losses/policy_loss",
+                "dream/reward_mean", "dream/transformed_frac"):
+        assert tag in tags, tag
+    assert "charts/train_return" in tags or "charts/SPS" in tags
+    assert [s for s, _ in tags["world_model/loss"]] == steps[:DAY_EPOCHS]
+    assert [s for s, _ in tags["dream/reward_mean"]] == steps[DAY_EPOCHS:]
+    assert all(v == 0 for _, v in tags["dream/transformed_frac"])  # the baseline does not transform
+    assert [s for s, _ in tags["losses/value_loss"]] == steps
+    assert "dream/before_after" in run["images"]  # decoded dreams at the first night epoch (Figure 2)
+
+    ckpt = torch.load(run["run_dir"] / "day.pt", weights_only=False)
+    assert {"world_model", "agent", "dataset", "args", "rng"} <= set(ckpt)
+    assert ckpt["args"]["init_states"] == init and ckpt["args"]["categoricals"] == 4
+    assert ckpt["progress"]["step"] == day_end
+    assert ckpt["progress"]["test_return"] == pytest.approx(test_return[DAY_EPOCHS - 1][1])
+    # the dataset holds the seed episodes and every day step of the 5 environments
+    assert ckpt["dataset"]["obs"].shape[0] == 5
+    assert ckpt["dataset"]["size"] * 5 == day_end
+
+
+def test_night_only_from_a_day_checkpoint(day_runs, tmp_path):
+    day = day_runs["random"]
+    day_end, day_return = day["scalars"]["charts/test_return"][DAY_EPOCHS - 1]
+    # the night starts from the day of the random run and dreams from collected states of its dataset
+    code, out, err = finish(run_script(["--day-checkpoint", str(day["run_dir"] / "day.pt"), "--init-states",
+                                        "collected", "--night-epochs", "1", *SIZE_FLAGS], tmp_path))
+    assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
+    tags = scalars(single_run_dir(tmp_path))
+    test_return = tags["charts/test_return"]
+    assert [s for s, _ in test_return] == [day_end, day_end + AGENT_BATCH * AGENT_UPDATES * HORIZON]
+    assert test_return[0][1] == pytest.approx(day_return)
+    assert not any(tag.startswith("world_model/") for tag in tags)  # no day in this run
+    assert "dream/reward_mean" in tags
+    assert not (single_run_dir(tmp_path) / "day.pt").exists()  # no --save-day

@@ -1,0 +1,134 @@
+"""Algorithm 1's loops in-process: what the day feeds the world model and the agent, and what an evaluation
+scores."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+import dreamer_ppo
+from conftest import CPU, NUM_ACTIONS, make_models, make_optimizers, tiny_args
+
+
+
+class StampedEnv:
+    """A ProcgenEnv stand-in (same interface, auto-resetting, reset() does not restart an episode): every frame
+    carries its running number in pixels [0, 0, 0:2] and `tag` in pixel [0, 0, 2]; episodes last `length` steps."""
+
+    def __init__(self, num_envs, length, tag):
+        self.num_envs, self.length, self.tag, self.t = num_envs, length, tag, 0
+        self.action_space = SimpleNamespace(n=NUM_ACTIONS)
+
+    def observe(self):
+        frame = np.zeros((self.num_envs, 64, 64, 3), np.uint8)
+        frame[:, 0, 0] = (self.t % 256, self.t // 256, self.tag)
+        return {"rgb": frame}
+
+    def reset(self):
+        return self.observe()
+
+    def step(self, action):
+        assert action.shape == (self.num_envs,)
+        self.t += 1
+        done = np.full(self.num_envs, self.t % self.length == 0)
+        return self.observe(), np.zeros(self.num_envs, np.float32), done, [{}] * self.num_envs
+
+    def close(self):
+        pass
+
+
+def frame_number(obs):
+    return int(obs[0, 0, 0, 0]) + 256 * int(obs[0, 0, 0, 1])
+
+
+class RecordingLog:
+    def __init__(self):
+        self.points = []
+
+    def scalars(self, family, values, step):
+        self.points += [(f"{family}/{k}", step, v) for k, v in values.items()]
+
+    def progress(self, *args):
+        pass
+
+
+def test_day_filters_every_real_frame_once(monkeypatch):
+    # The agent acts on the posterior state of each frame: h_t = f(h_{t-1}, z_{t-1}, a_{t-1}) once per frame. A
+    # frame filtered twice advances h with the same action twice.
+    args = tiny_args(num_envs=2, day_epochs=3, day_steps=8, seed_episodes=1, seq_len=8, wm_updates=1,
+                     wm_batch_size=2, agent_updates=2, test_repetitions=1)
+    wm, agent = make_models(args)
+    wm_opt, agent_opt = make_optimizers(wm, agent, args)
+    envs = StampedEnv(2, length=5, tag=0)
+    monkeypatch.setattr(dreamer_ppo, "make_env", lambda *a, **k: StampedEnv(2, length=3, tag=1))  # evaluations
+    filtered = []
+    filter_step = wm.filter_step
+
+    def recording_filter_step(h, z, prev_action, obs, is_first):
+        if int(obs[0, 0, 0, 2]) == 0:  # a training frame (evaluation uses the test env)
+            filtered.append(frame_number(obs))
+        return filter_step(h, z, prev_action, obs, is_first)
+
+    monkeypatch.setattr(wm, "filter_step", recording_filter_step)
+    dataset = dreamer_ppo.ReplayDataset(args.num_envs, 100)
+    log = RecordingLog()
+    scale = dreamer_ppo.ReturnScale(0.99)
+    progress = dreamer_ppo.day(args, wm, agent, wm_opt, agent_opt, scale, dataset, envs, log, CPU)
+    # seed episodes: 8 steps (one 5-step episode, then enough for a sequence of 8), frames 0..7, unfiltered;
+    # then 3 epochs of 8 / 2 = 4 steps: the agent acts on frames 8..19, each filtered once (frame 20, after
+    # the last step, may or may not be)
+    assert dataset.size == 8 + 3 * 4
+    assert (dataset.state_dict()["obs"][0, :, 0, 0, 0] == np.arange(20)).all()
+    # the x-axis counts real steps of both environments: 16 by the seed episodes, then 8 per epoch
+    assert [s for tag, s, _ in log.points if tag == "charts/test_return"] == [24, 32, 40]
+    assert progress["step"] == 40
+    assert set(range(8, 20)) <= set(filtered) <= set(range(8, 21))
+    assert filtered == sorted(set(filtered)), f"frames filtered (a repeat is a frame filtered twice): {filtered}"
+
+
+class EpisodeProbe:
+    """Wraps a real ProcGen test environment and counts, per environment, the episodes that began and ended
+    while wrapped."""
+
+    def __init__(self, envs):
+        self.envs, self.num_envs, self.closed = envs, envs.num_envs, False
+        self.in_call = envs.env.observe()[2].copy()  # gym3's `first`: at an episode's first frame
+        self.whole = np.zeros(self.num_envs, int)
+
+    def reset(self):
+        return self.envs.reset()
+
+    def step(self, action):
+        obs, reward, done, info = self.envs.step(action)
+        self.whole += done & self.in_call
+        self.in_call |= done
+        return obs, reward, done, info
+
+    def close(self):
+        self.envs.close()
+        self.closed = True
+
+
+def test_evaluation_scores_whole_episodes_of_the_current_policy(monkeypatch):
+    # Each evaluation reports the score of `test_repetitions` whole episodes per test environment, on the full
+    # level distribution. ProcGen ignores a manual reset mid-episode: an evaluation must not count an episode
+    # found under way (begun by an earlier policy, partly scored).
+    args = tiny_args(num_envs=3, test_repetitions=1)
+    wm, agent = make_models(args)
+    made, make_env = [], dreamer_ppo.make_env
+
+    def probed_make_env(env_id, num_envs, num_levels, seed):
+        made.append(dict(num_levels=num_levels, seed=seed, probe=EpisodeProbe(make_env(env_id, num_envs,
+                                                                                       num_levels, seed))))
+        return made[-1]["probe"]
+
+    monkeypatch.setattr(dreamer_ppo, "make_env", probed_make_env)
+    for step in (100, 200):
+        score = dreamer_ppo.evaluate(wm, agent, args, step, CPU)
+        # the mean of one coinrun score (0 or 10) per environment
+        assert abs(score * 3 / 10 - round(score * 3 / 10)) < 1e-9 and 0 <= score <= 10
+    probes = [m["probe"] for m in made]
+    assert probes, "evaluate made no environment through make_env"
+    assert all((p.whole >= args.test_repetitions).all() for p in probes), [p.whole for p in probes]
+    assert all(m["num_levels"] == 0 for m in made)  # the full distribution
+    assert all(p.closed for p in probes)

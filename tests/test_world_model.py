@@ -1,0 +1,228 @@
+"""The world model (RSSM, loss of Eq. 1 with free bits), reward shaping and the replay dataset."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import dreamer_ppo
+from dreamer_ppo import ReplayDataset, reward_shaping, shape_reward
+from conftest import CPU, crafted_dataset, is_onehot, random_batch, tiny_args
+
+
+# %% reward shaping
+def test_shape_reward_penalty_only_on_unsuccessful_ends():
+    penalty, scale = reward_shaping(tiny_args(env_id="coinrun"))
+    assert (penalty, scale) == (-10.0, 1.0)
+    reward = np.array([0.0, 10.0, 0.0, 0.0, 10.0], np.float32)
+    done = np.array([False, True, True, False, False])
+    # done with reward 10: success, no penalty; done with reward 0: -10; not done: the reward as is
+    assert shape_reward(reward, done, penalty, scale).tolist() == [0.0, 10.0, -10.0, 0.0, 10.0]
+
+
+def test_reward_shaping_defaults_per_game():
+    assert reward_shaping(tiny_args(env_id="caveflyer")) == (-10.0, 1.0)
+    assert reward_shaping(tiny_args(env_id="chaser")) == (0.0, 25.0)
+    assert reward_shaping(tiny_args(env_id="plunder")) == (0.0, 1.0)
+    assert reward_shaping(tiny_args(env_id="coinrun", penalty=-3.0, reward_scale=2.0)) == (-3.0, 2.0)
+    penalty, scale = reward_shaping(tiny_args(env_id="chaser"))
+    reward = np.array([0.0, 1.0, 0.04], np.float32)
+    done = np.array([True, True, False])
+    assert shape_reward(reward, done, penalty, scale) == pytest.approx([0.0, 25.0, 1.0])
+
+
+# %% RSSM
+def crafted_two_episodes():
+    """Two sequences of 6 steps; in sequence 0 an episode ends at step 2 (c = 0 stored there) and the frame
+    of step 3 is the next level's first."""
+    batch = random_batch(2, 6, seed=5)
+    batch["conts"][0, 2] = 0.0
+    batch["is_first"][0, 3] = True
+    return batch
+
+
+def test_observe_shapes_and_reset_at_is_first(args, models):
+    wm, _ = models
+    batch = crafted_two_episodes()
+    with torch.no_grad():
+        hs, zs, posts, priors, trans = wm.observe(batch["obs"], batch["actions"], batch["conts"], batch["is_first"])
+    R, C, J = args.rnn_units, args.categoricals, args.classes
+    assert hs.shape == (2, 6, R) and zs.shape == (2, 6, C, J)
+    assert posts.shape == priors.shape == (2, 6, C, J)
+    assert trans.shape == (2, 5, R + C * J) and wm.feat_dim == R + C * J
+    assert is_onehot(zs)
+    # h = 0 at the start of every sequence and right after the episode end, nowhere else
+    assert (hs[:, 0] == 0).all()
+    assert (hs[0, 3] == 0).all()
+    for b, t in [(0, 1), (0, 2), (0, 4), (0, 5), (1, 1), (1, 2), (1, 3), (1, 4), (1, 5)]:
+        assert hs[b, t].abs().sum() > 0, (b, t)
+    # at the first step of an episode the prior is p(z | h = 0), like at t = 0
+    assert torch.allclose(priors[0, 3], priors[0, 0])
+    assert torch.allclose(priors[0, 0], wm.prior(wm.initial(1))[0])
+    # the transition features are (h_t, z_t) of steps 1..T-1 except into a new episode, where h is the
+    # recurrent state before the reset (what led to the end) and z comes from the prior
+    for b, t in [(0, 1), (0, 2), (0, 4), (0, 5), (1, 3), (1, 5)]:
+        assert torch.equal(trans[b, t - 1], torch.cat([hs[b, t], zs[b, t].flatten()])), (b, t)
+    assert trans[0, 2, :R].abs().sum() > 0
+    assert is_onehot(trans[0, 2, R:].reshape(C, J))
+
+
+def test_observe_new_episode_does_not_depend_on_the_previous_one(models):
+    wm, _ = models
+    batch = crafted_two_episodes()
+    with torch.no_grad():
+        _, _, posts, _, _ = wm.observe(batch["obs"], batch["actions"], batch["conts"], batch["is_first"])
+        rest = {k: v[:, 3:] for k, v in batch.items()}
+        _, _, posts_rest, _, _ = wm.observe(rest["obs"], rest["actions"], rest["conts"], rest["is_first"])
+    # posterior at the reset step = posterior of the same frame at the start of a sequence
+    assert torch.allclose(posts[0, 3], posts_rest[0, 0], atol=1e-6)
+    assert not torch.allclose(posts[1, 3], posts_rest[1, 0], atol=1e-6)  # no reset in sequence 1
+
+
+def test_filter_step_resets_on_is_first(args, models):
+    wm, _ = models
+    obs = random_batch(3, 1, seed=2)["obs"][:, 0]
+    h, z = torch.randn(3, args.rnn_units), torch.zeros(3, args.categoricals, args.classes)
+    with torch.no_grad():
+        h2, z2 = wm.filter_step(h, z, torch.tensor([1, 2, 3]), obs, torch.tensor([True, False, True]))
+    assert (h2[0] == 0).all() and (h2[2] == 0).all() and h2[1].abs().sum() > 0
+    assert is_onehot(z2) and z2.shape == (3, args.categoricals, args.classes)
+
+
+def set_latent_output(net, bias):
+    """Make a latent head (prior_net or post_net) output the constant logits `bias` whatever its input."""
+    torch.nn.init.zeros_(net[-1].weight)
+    with torch.no_grad():
+        net[-1].bias.copy_(bias)
+
+
+def test_free_bits_through_the_loss(args, models):
+    wm, _ = models
+    batch = random_batch(2, 4, seed=1)
+    # uniform prior and posterior: KL = 0 < 1 nat, so both terms are exactly free_nats with no gradient
+    set_latent_output(wm.prior_net, torch.zeros(args.categoricals * args.classes))
+    set_latent_output(wm.post_net, torch.zeros(args.categoricals * args.classes))
+    loss, metrics, _ = wm.loss(batch, args)
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["dyn_loss"] == metrics["rep_loss"] == args.free_nats == 1.0
+    loss.backward()
+    assert all(p.grad is None or (p.grad == 0).all() for p in wm.prior_net.parameters())
+
+    # a peaked posterior (logits 10, 0, 0, 0 in each categorical) against the uniform prior: by hand,
+    # p = 0.99 softmax + 0.01 / 4 and KL = C * sum_j p_j ln(p_j / (1/4)) > 1 nat
+    wm.zero_grad()
+    set_latent_output(wm.post_net, torch.tensor([10.0, 0.0, 0.0, 0.0] * args.categoricals))
+    e = [math.exp(10), 1.0, 1.0, 1.0]
+    p = [0.99 * v / sum(e) + 0.01 / 4 for v in e]
+    expected = args.categoricals * sum(pj * math.log(pj * 4) for pj in p)
+    assert expected > 1
+    loss, metrics, _ = wm.loss(batch, args)
+    assert metrics["dyn_loss"] == pytest.approx(expected, rel=1e-4)
+    assert metrics["rep_loss"] == pytest.approx(expected, rel=1e-4)
+    loss.backward()
+    assert sum(p.grad.abs().sum() for p in wm.prior_net.parameters()) > 0
+
+
+def test_transition_into_a_new_episode_takes_z_from_the_prior(args, models):
+    # With uniform latents the KL terms are clamped (no gradient), so the prior can only get a gradient from
+    # the transition into a new episode, whose z is sampled from the prior (straight-through) for the heads.
+    wm, _ = models
+    set_latent_output(wm.prior_net, torch.zeros(args.categoricals * args.classes))
+    set_latent_output(wm.post_net, torch.zeros(args.categoricals * args.classes))
+    loss, metrics, _ = wm.loss(crafted_two_episodes(), args)
+    assert metrics["dyn_loss"] == metrics["rep_loss"] == 1.0
+    loss.backward()
+    assert sum(p.grad.abs().sum() for p in wm.prior_net.parameters() if p.grad is not None) > 0
+
+
+def test_loss_metrics_combine_as_eq1(args, models):
+    wm, _ = models
+    loss, m, (hs, zs) = wm.loss(random_batch(2, 5, seed=4), args)
+    total = m["image_loss"] + m["reward_loss"] + m["cont_loss"] + args.beta_dyn * m["dyn_loss"] \
+        + args.beta_rep * m["rep_loss"]
+    assert m["loss"] == pytest.approx(total, rel=1e-5)
+    assert loss.item() == pytest.approx(total, rel=1e-5)
+    assert hs.shape == (2, 5, args.rnn_units) and not hs.requires_grad and not zs.requires_grad
+    # the reward head starts at zero: uniform logits, CE = ln K
+    assert m["reward_loss"] == pytest.approx(math.log(args.bins), rel=1e-5)
+    # the image loss sums over the 3 x 64 x 64 pixels
+    assert m["image_loss"] > 100
+
+
+def test_world_model_loss_goes_down_on_real_frames(args, coinrun_dataset):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    wm = dreamer_ppo.WorldModel(args, 15)
+    opt = torch.optim.Adam(wm.parameters(), lr=1e-3)
+    losses, images = [], []
+    for _ in range(35):
+        batch = dreamer_ppo.to_torch(coinrun_dataset.sample(args.wm_batch_size, args.seq_len, args.reward_seq_fraction),
+                                     CPU)
+        loss, metrics, _ = wm.loss(batch, args)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(wm.parameters(), args.wm_grad_clip)
+        opt.step()
+        losses.append(metrics["loss"])
+        images.append(metrics["image_loss"])
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < 0.8 * losses[0], losses
+    assert np.mean(images[-5:]) < 0.8 * images[0], images
+
+
+# %% replay dataset
+def test_sample_sequences_are_contiguous(args):
+    np.random.seed(0)
+    batch = crafted_dataset().sample(64, args.seq_len, 0.5)
+    assert batch["obs"].shape == (64, args.seq_len, 64, 64, 3) and batch["obs"].dtype == np.uint8
+    assert batch["actions"].shape == batch["rewards"].shape == batch["is_first"].shape == (64, args.seq_len)
+    assert (np.diff(batch["actions"], axis=1) == 1).all()
+    assert (batch["logprobs"] == batch["logprobs"][:, :1]).all()  # one environment per sequence
+    assert (batch["obs"][:, :, 0, 0, 0] == batch["actions"] % 256).all()
+
+
+def test_sample_reward_fraction_one_holds_a_learnable_reward(args):
+    np.random.seed(0)
+    dataset = crafted_dataset()
+    batch = dataset.sample(300, args.seq_len, 1.0)
+    # r_{t+1} is stored at step t; the heads learn rewards[:, :-1]
+    assert (np.abs(batch["rewards"][:, :-1]).max(1) > 0).all()
+    # every reward that can be learnt from comes up (the one at the last stored step cannot)
+    seen = {(int(batch["logprobs"][i, 0]), int(batch["actions"][i, t]))
+            for i, t in zip(*np.nonzero(batch["rewards"][:, :-1]))}
+    assert seen == {(0, 0), (1, 20), (2, 48)}
+
+
+def test_sample_reward_fraction_share(args):
+    np.random.seed(1)
+    batch = crafted_dataset().sample(100, args.seq_len, 0.5)
+    with_reward = (np.abs(batch["rewards"][:, :-1]).max(1) > 0).sum()
+    assert with_reward >= 50
+    # no reward at all: the fraction cannot be met, sampling still works
+    empty = ReplayDataset(2, 20)
+    for t in range(20):
+        empty.add(obs=np.zeros((2, 64, 64, 3), np.uint8), actions=np.full(2, t), rewards=np.zeros(2),
+                  conts=np.ones(2), is_first=np.zeros(2, bool), logprobs=np.zeros(2))
+    assert empty.sample(10, 8, 1.0)["actions"].shape == (10, 8)
+
+
+def test_dataset_grows_past_capacity_without_losing_data():
+    dataset = crafted_dataset(num_envs=2, steps=37, capacity=3)
+    assert dataset.size == 37
+    state = dataset.state_dict()
+    assert state["size"] == 37
+    assert state["actions"].shape == (2, 37) and (state["actions"] == np.arange(37)).all()
+    assert (state["obs"][:, :, 5, 5, 2] == np.arange(37)).all()
+    assert state["rewards"][1, 20] == 5.0 and state["rewards"][0, 0] == 5.0
+    assert state["is_first"][:, 0].all() and not state["is_first"][:, 1:].any()
+    # and reloads into a smaller or larger buffer with the same content
+    for capacity in (10, 100):
+        copy = ReplayDataset(2, 1)
+        copy.load_state_dict(state, capacity)
+        assert copy.size == 37
+        for k, v in copy.state_dict().items():
+            assert np.array_equal(v, state[k]), k
+        copy.add(obs=np.zeros((2, 64, 64, 3), np.uint8), actions=np.full(2, 99), rewards=np.zeros(2),
+                 conts=np.ones(2), is_first=np.zeros(2, bool), logprobs=np.zeros(2))
+        assert copy.size == 38 and (copy.state_dict()["actions"][:, :37] == np.arange(37)).all()
