@@ -14,7 +14,7 @@ import tyro
 import dreamer_ppo
 
 from conftest import TINY, VARIANTS, is_onehot, make_models
-from test_blocks import ROOT, blocks
+from test_blocks import ROOT, VARIANT_BLOCKS, blocks
 
 MODULES = {name: importlib.import_module(f"dreamer_ppo_{name}") for name in VARIANTS}
 SINGLES = ("random", "deepdream", "valdiv")  # FullDreamer mixes these three
@@ -128,9 +128,6 @@ def test_value_diversification_flips_classes_of_z_on_a_steep_critic():
 
 
 # %% every variant
-VARIANT_BLOCKS = ("docstring", "transformation args", "transformation")  # what makes a variant a variant
-
-
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_is_the_baseline_but_for_its_transformation(name):
     """`diff dreamer_ppo.py dreamer_ppo_{name}.py` shows the transformation, its flags and the docstring only."""
