@@ -1,0 +1,999 @@
+"""Offline baseline: the same day as the Dreamer baseline, then a night spent on offline PPO over the real
+experience collected by day, encoded by the frozen world model, instead of on dreams.
+
+Paper: "Do Agents Dream of Electric Sheep?" (Franceschelli & Musolesi), Section 5.2 ("an offline adaptation
+of PPO (Queeney et al., 2021)", same hyperparameters), Figure 4; the day is Algorithm 1 with Tables 1-2.
+Usage: python dreamer_ppo_offline.py --env-id coinrun --seed 1
+
+Each night epoch draws U_a B_a sequences of H + 1 real steps uniformly from the dataset (the prioritized
+sampling of rewards is the world model's) and computes their posterior states (`WorldModel.observe`); the
+first H steps of each are the samples, U_a B_a H per night epoch as in a dreaming night, so the x-axis
+means the same; step H only gives the value to bootstrap from. Rewards are those the day stored (shaped),
+gamma and lambda the day's. mu is the behaviour probability of each real action, stored by day (the seed
+episodes' uniform 1/15 included), pi_old the policy when the batch was drawn, pi the policy being trained.
+- GePPO's clipped objective (Queeney et al., 2021): min(r A, clip(r, c - eps, c + eps) A) with r = pi/mu
+  and the clip centred on c = pi_old/mu; when mu = pi_old it is PPO's (Eq. 7).
+- V-trace (Espeholt et al., 2018) with truncation c_bar = rho_bar = 1 and traces lambda min(1, pi_old/mu):
+  A is the advantage of each real action under pi_old, the critic learns the V-trace targets with its two-hot
+  loss (Eq. 8); nothing is bootstrapped across an episode's end or a new episode inside a sequence. When
+  mu = pi_old, A is GAE (Eq. 9). Advantages are divided by max(1, P); the entropy bonus stays.
+- Adaptive learning rate (`--adapt-lr`, on by default; GePPO's): after each night epoch's update, the
+  total-variation distance between pi and pi_old is estimated on the batch as 0.5 E_mu[|pi/mu - pi_old/mu|];
+  the actor's learning rate (the critic's stays at --night-lr) is divided by 1 + --adapt-factor when the
+  distance is above --tv-target (eps/2), multiplied by it when below half the target.
+- Tiny behaviour probabilities: the ratios pi/mu and pi_old/mu are computed in log space and capped at
+  --max-ratio, so no mu (not even 0) makes them overflow, and a sample at the cap gets no policy gradient
+  (its term is a constant) rather than one that swamps the batch; the V-trace weights min(1, pi_old/mu)
+  lie in [0, 1] whatever mu. `offline/tiny_mu_frac` is the share of samples with mu < 1/--max-ratio, the
+  only ones whose ratio can reach the cap.
+--init-states and --dream-images-every do nothing here: there are no dreams.
+"""
+
+# %% imports
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from procgen import ProcgenEnv
+from torch.utils.tensorboard import SummaryWriter
+
+
+# %% args
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (the script's name)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """`torch.backends.cudnn.deterministic`"""
+    cuda: bool = True
+    """use CUDA when there is a GPU, with bf16 autocast (the paper's mixed precision); CPU otherwise"""
+    track: bool = False
+    """mirror TensorBoard to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "dreamer-ppo"
+    """the Weights & Biases project"""
+    wandb_entity: Optional[str] = None
+    """the Weights & Biases entity (team)"""
+    save_day: bool = False
+    """write the state at the end of the day to runs/{run}/day.pt"""
+    day_checkpoint: Optional[str] = None
+    """start from a day checkpoint written by any dreamer_ppo*.py script and run only the night"""
+
+    # Environment (Section 5.1, Table 2)
+    env_id: str = "coinrun"
+    """the ProcGen game (easy mode)"""
+    num_levels: int = 200
+    """N: training levels; tests use the full distribution (Section 5.1)"""
+    num_envs: int = 5
+    """parallelized environments (Table 2)"""
+    test_repetitions: int = 5
+    """test repetition: episodes per test environment at each evaluation (Table 2)"""
+    penalty: Optional[float] = None
+    """penalty for non-successful episodes (Table 2): -10 for coinrun and caveflyer, 0 otherwise"""
+    reward_scale: Optional[float] = None
+    """reward scaling factor (Table 2): 25 for chaser, 1 otherwise"""
+
+    # Algorithm 1 (Table 2)
+    seed_episodes: int = 5
+    """S: random seed episodes"""
+    day_epochs: int = 200
+    """E_d: day epochs"""
+    wm_updates: int = 20
+    """U_w: world-model update steps per day epoch"""
+    day_steps: int = 5000
+    """T_d: real steps per day epoch, over all environments"""
+    wm_batch_size: int = 100
+    """B_w: world batch size (sequences)"""
+    seq_len: int = 25
+    """L: sequence length"""
+    reward_seq_fraction: float = 0.5
+    """share of each world batch drawn around a non-zero reward (Section 4.2's prioritized sampling)"""
+    night_epochs: int = 200
+    """E_n: night epochs"""
+    agent_updates: int = 26
+    """U_a: update steps per night epoch (PPO minibatches per iteration, by day too)"""
+    agent_batch_size: int = 12
+    """B_a: agent batch size (dreams per minibatch)"""
+    horizon: int = 16
+    """H: imagination horizon; the night's gamma is 1 - 1/H (Table 1)"""
+    init_states: Literal["random", "collected"] = "random"
+    """initial dream states: random (Eq. 2) or posterior states of collected data (Figure 3)"""
+    dream_images_every: int = 10
+    """log decoded dream states before and after their transformation every this many night epochs
+    (Figure 2, for one's own runs); 0 never"""
+
+    # Networks (Table 1)
+    categoricals: int = 32
+    """C: categorical latents"""
+    classes: int = 32
+    """J: classes per categorical"""
+    rnn_units: int = 512
+    """RNN hidden units (size of h)"""
+    cnn_depth: int = 32
+    """convolution filters [d, 2d, 4d, 8d] = [32, 64, 128, 256] for d = 32"""
+    mlp_units: int = 512
+    """linear units"""
+    mlp_layers: int = 2
+    """MLP layers"""
+    bins: int = 255
+    """K: reward/return bins"""
+    bins_extreme: float = 20.0
+    """bins extremes -20, +20 (in symlog space)"""
+    unimix: float = 0.01
+    """uniform share of the categorical latents (DreamerV3)"""
+    free_nats: float = 1.0
+    """free bits: the KL terms are clipped below at this many nats (Section 3.1)"""
+    beta_dyn: float = 0.5
+    """beta_1: dynamics loss factor (Eq. 1)"""
+    beta_rep: float = 0.1
+    """beta_2: representation loss factor (Eq. 1)"""
+    wm_grad_clip: float = 1000.0
+    """world-model gradient clip (DreamerV3; the paper's 0.5 is PPO's)"""
+    day_lr: float = 5e-4
+    """learning rate during day (Adam, world model and agent)"""
+    night_lr: float = 1e-4
+    """learning rate at night (Adam, agent)"""
+
+    # PPO (Table 1, Eqs. 6-9)
+    day_gamma: float = 0.99
+    """gamma during day (GAE)"""
+    gae_lambda: float = 0.95
+    """lambda (GAE, Eq. 9)"""
+    clip_coef: float = 0.2
+    """epsilon: PPO clip factor (Eq. 7)"""
+    vf_coef: float = 0.5
+    """c_v: critic loss factor (Eq. 6)"""
+    ent_coef: float = 0.001
+    """c_e: entropy loss factor (Eq. 6)"""
+    max_grad_norm: float = 0.5
+    """PPO gradient clip factor"""
+    update_epochs: int = 4
+    """PPO iterations"""
+    return_scale_decay: float = 0.99
+    """decay of P, the EMA of the 5th-95th percentile range of returns (Section 4.2)"""
+
+    # %% transformation args
+    # The offline night: GePPO (Queeney et al., 2021) on the collected data instead of dreams
+    adapt_lr: bool = True
+    """GePPO's adaptive learning rate: after each night epoch the actor's learning rate is divided by
+    1 + adapt_factor when the estimated TV distance between pi and pi_old is above tv_target, and multiplied
+    by it when below half the target"""
+    tv_target: float = 0.1
+    """target TV distance between pi and pi_old per night epoch (GePPO: eps / 2)"""
+    adapt_factor: float = 0.03
+    """step of the adaptive learning rate (GePPO)"""
+    max_ratio: float = 100.0
+    """cap on the importance ratios pi/mu and pi_old/mu (taken in log space); a sample at the cap gets no
+    policy gradient"""
+
+
+# %% checks
+
+PROCGEN_GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
+                 "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
+POSITIVE_FLAGS = ("num_levels", "num_envs", "test_repetitions", "seed_episodes", "day_epochs", "wm_updates",
+                  "day_steps", "wm_batch_size", "seq_len", "agent_updates", "agent_batch_size", "horizon",
+                  "categoricals", "classes", "rnn_units", "cnn_depth", "mlp_units", "mlp_layers", "bins",
+                  "update_epochs")
+# The fields that fix the shape of a day checkpoint: a night can only start from a day that agrees on them.
+DAY_FIELDS = ("env_id", "num_envs", "categoricals", "classes", "rnn_units", "cnn_depth", "mlp_units",
+              "mlp_layers", "bins", "bins_extreme")
+
+
+def fail(flag, message):
+    raise SystemExit(f"error: {flag}: {message}")
+
+
+def check_args(args):
+    """Refuse bad input before any work starts, naming the flag and what is allowed."""
+    if args.env_id not in PROCGEN_GAMES:
+        fail("--env-id", f"unknown game {args.env_id!r}; the ProcGen games are {', '.join(PROCGEN_GAMES)}")
+    for name in POSITIVE_FLAGS:
+        if getattr(args, name) <= 0:
+            fail("--" + name.replace("_", "-"), f"must be a positive integer, got {getattr(args, name)}")
+    for name in ("night_epochs", "dream_images_every"):
+        if getattr(args, name) < 0:
+            fail("--" + name.replace("_", "-"), f"must be 0 or more, got {getattr(args, name)}")
+    if args.seq_len < 2:
+        fail("--seq-len", f"must be 2 or more (a sequence needs a transition), got {args.seq_len}")
+    if args.day_steps % args.num_envs:
+        fail("--day-steps", f"must be a multiple of --num-envs ({args.num_envs}), got {args.day_steps}")
+    if not 0.0 <= args.reward_seq_fraction <= 1.0:
+        fail("--reward-seq-fraction", f"must lie in [0, 1], got {args.reward_seq_fraction}")
+    if args.init_states not in ("random", "collected"):
+        fail("--init-states", f"must be 'random' or 'collected', got {args.init_states!r}")
+    if args.day_checkpoint is not None and not os.path.isfile(args.day_checkpoint):
+        fail("--day-checkpoint", f"no file at {args.day_checkpoint!r}")
+    check_transformation_args(args)
+
+
+# %% environment
+def make_env(env_id, num_envs, num_levels, seed):
+    """ProcGen, easy mode, auto-resetting: the frame returned with `done` already starts the next level.
+    num_levels=0 is the full distribution of levels (the test environment)."""
+    return ProcgenEnv(num_envs=num_envs, env_name=env_id, num_levels=num_levels, start_level=0,
+                      distribution_mode="easy", rand_seed=seed)
+
+
+def reward_shaping(args):
+    """(penalty, scale) of Table 2 for this game, unless set by flag."""
+    penalty = args.penalty if args.penalty is not None else (-10.0 if args.env_id in ("coinrun", "caveflyer") else 0.0)
+    scale = args.reward_scale if args.reward_scale is not None else (25.0 if args.env_id == "chaser" else 1.0)
+    return penalty, scale
+
+
+def shape_reward(reward, done, penalty, scale):
+    """What the agent and world model learn from: the game's reward times `scale`, plus `penalty` on the
+    last step of an episode that ends without a positive reward (a non-successful episode)."""
+    return reward * scale + penalty * (done & (reward <= 0))
+
+
+# %% maths
+def symlog(x):
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x):
+    return torch.sign(x) * torch.expm1(x.abs())
+
+
+def twohot_encode(y, bins):
+    """Two-hot encoding of symlog(y) on the bins: weights by linear distance to the two nearest bins,
+    all weight on the edge bin beyond the extremes."""
+    x = symlog(y).clamp(bins[0], bins[-1])
+    pos = (x - bins[0]) / (bins[1] - bins[0])
+    below = pos.floor().long().clamp(0, len(bins) - 1)
+    above = (below + 1).clamp(max=len(bins) - 1)
+    w_above = (pos - below).unsqueeze(-1)
+    return F.one_hot(below, len(bins)) * (1 - w_above) + F.one_hot(above, len(bins)) * w_above
+
+
+def twohot_decode(logits, bins):
+    """The prediction of a two-hot head: symexp of the expected bin."""
+    return symexp((logits.float().softmax(-1) * bins).sum(-1))
+
+
+def twohot_loss(logits, y, bins):
+    """Cross-entropy against sg(two-hot(symlog(y))) (Eq. 8)."""
+    return -(twohot_encode(y, bins).detach() * logits.float().log_softmax(-1)).sum(-1)
+
+
+def latent_probs(logits, unimix):
+    """Categorical probabilities with a `unimix` share of uniform (DreamerV3): 0.99 softmax + 0.01 / J."""
+    return (1 - unimix) * logits.float().softmax(-1) + unimix / logits.shape[-1]
+
+
+def sample_onehot(probs):
+    """One-hot samples [..., C, J] with straight-through gradients."""
+    index = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
+    sample = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
+    return sample + (probs - probs.detach())
+
+
+def categorical_kl(p, q):
+    """KL(p || q) of C categoricals [..., C, J], summed over the categoricals."""
+    return (p * (p.log() - q.log())).sum((-2, -1))
+
+
+def mlp(in_dim, out_dim, units, layers, zero_init=False):
+    """`layers` Linear-LayerNorm-SiLU blocks and a linear output (Table 1)."""
+    modules, dim = [], in_dim
+    for _ in range(layers):
+        modules += [nn.Linear(dim, units), nn.LayerNorm(units), nn.SiLU()]
+        dim = units
+    out = nn.Linear(dim, out_dim)
+    if zero_init:
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+    return nn.Sequential(*modules, out)
+
+
+def autocast(device):
+    """bf16 mixed precision on CUDA (the paper's mixed precision); a no-op on the CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# %% world model
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of an image [N, C, H, W]."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def preprocess(obs):
+    """uint8 frames [..., 64, 64, 3] -> floats [..., 3, 64, 64] in [-0.5, 0.5]."""
+    return obs.float().div(255).sub(0.5).movedim(-1, -3)
+
+
+class ConvEncoder(nn.Module):
+    """Frames to embeddings: 4 convolutions (kernel 4, stride 2), filters [d, 2d, 4d, 8d] (Table 1)."""
+
+    def __init__(self, depth):
+        super().__init__()
+        layers, channels = [], 3
+        for mult in (1, 2, 4, 8):
+            layers += [nn.Conv2d(channels, depth * mult, 4, 2, 1), ChannelNorm(depth * mult), nn.SiLU()]
+            channels = depth * mult
+        self.convs = nn.Sequential(*layers)
+        self.out_dim = channels * 4 * 4
+
+    def last_conv(self, image):
+        """Activation of the last convolutional layer, q^LC of Eq. 4, for images [N, 3, 64, 64]."""
+        return self.convs(image)
+
+    def forward(self, obs):
+        image = preprocess(obs)
+        return self.last_conv(image.reshape(-1, *image.shape[-3:])).reshape(*obs.shape[:-3], -1)
+
+
+class ConvDecoder(nn.Module):
+    """Model states to images: a linear layer to 4x4x8d, then deconvolutions [4d, 2d, d, 3] (Table 1)."""
+
+    def __init__(self, feat_dim, depth):
+        super().__init__()
+        self.depth = depth
+        self.linear = nn.Linear(feat_dim, depth * 8 * 4 * 4)
+        layers, channels = [], depth * 8
+        for mult in (4, 2, 1):
+            layers += [nn.ConvTranspose2d(channels, depth * mult, 4, 2, 1), ChannelNorm(depth * mult), nn.SiLU()]
+            channels = depth * mult
+        layers.append(nn.ConvTranspose2d(channels, 3, 4, 2, 1))
+        self.deconvs = nn.Sequential(*layers)
+
+    def forward(self, feat):
+        x = self.linear(feat.reshape(-1, feat.shape[-1])).reshape(-1, self.depth * 8, 4, 4)
+        return self.deconvs(x).reshape(*feat.shape[:-1], 3, 64, 64)
+
+
+class WorldModel(nn.Module):
+    """The RSSM of Section 3.1 with its heads. A model state is s = (h, z): h the GRU state, z the C
+    one-hot categoricals (J classes each), flattened as feat = concat(h, z)."""
+
+    def __init__(self, args, num_actions):
+        super().__init__()
+        self.C, self.J, self.num_actions = args.categoricals, args.classes, num_actions
+        self.unimix = args.unimix
+        z_dim = self.C * self.J
+        self.encoder = ConvEncoder(args.cnn_depth)
+        self.gru_in = nn.Sequential(nn.Linear(z_dim + num_actions, args.mlp_units), nn.LayerNorm(args.mlp_units),
+                                    nn.SiLU())
+        self.gru = nn.GRUCell(args.mlp_units, args.rnn_units)
+        self.prior_net = mlp(args.rnn_units, z_dim, args.mlp_units, 1)
+        self.post_net = mlp(args.rnn_units + self.encoder.out_dim, z_dim, args.mlp_units, 1)
+        self.feat_dim = args.rnn_units + z_dim
+        self.reward_head = mlp(self.feat_dim, args.bins, args.mlp_units, args.mlp_layers, zero_init=True)
+        self.cont_head = mlp(self.feat_dim, 1, args.mlp_units, args.mlp_layers)
+        self.decoder = ConvDecoder(self.feat_dim, args.cnn_depth)
+        self.register_buffer("bins", torch.linspace(-args.bins_extreme, args.bins_extreme, args.bins))
+
+    def initial(self, n):
+        """The state an episode starts from: h = 0 (z then comes from the first frame)."""
+        return torch.zeros(n, self.gru.hidden_size, device=self.bins.device)
+
+    def recurrent(self, h, z, action):
+        """Recurrent model h_t = f(h_{t-1}, z_{t-1}, a_{t-1}); z [N, C, J], action [N] (or one-hot [N, A])."""
+        if action.dim() == 1:
+            action = F.one_hot(action.long(), self.num_actions).float()
+        return self.gru(self.gru_in(torch.cat([z.flatten(1), action], -1)).float(), h.float())
+
+    def prior(self, h):
+        """Transition predictor p(z_t | h_t): probabilities [N, C, J]."""
+        return latent_probs(self.prior_net(h).reshape(-1, self.C, self.J), self.unimix)
+
+    def posterior(self, h, embed):
+        """Encoder model q(z_t | h_t, o_t): probabilities [N, C, J]."""
+        return latent_probs(self.post_net(torch.cat([h, embed], -1)).reshape(-1, self.C, self.J), self.unimix)
+
+    def heads(self, feat):
+        """Reward r_t (decoded) and continuation probability c_t predicted from feat = (h_t, z_t)."""
+        return twohot_decode(self.reward_head(feat), self.bins), torch.sigmoid(self.cont_head(feat).float()).squeeze(-1)
+
+    def filter_step(self, h, z, prev_action, obs, is_first):
+        """One real step: the posterior state of frame `obs`, the agent's state s_t by day (Algorithm 1)."""
+        first = is_first.reshape(-1, 1)
+        h = torch.where(first, self.initial(len(obs)), self.recurrent(h, z, prev_action))
+        z = sample_onehot(self.posterior(h, self.encoder(obs)))
+        return h, z
+
+    def observe(self, obs, actions, conts, is_first):
+        """Posterior states of B sequences of T steps laid out as in Algorithm 1: step t holds o_t, a_t,
+        r_{t+1}, c_{t+1}. Returns, per step, h and z, the posterior and prior probabilities, and the
+        transition features (h_t, z_t) for t >= 1 that the reward and continue heads learn r_t and c_t
+        from. ProcGen resets by itself, so after an episode ends (c_t = 0) the frame o_t belongs to the
+        next level: there z_t comes from the prior, as in a dream, and only then h is reset."""
+        B, T = actions.shape
+        embed = self.encoder(obs)
+        h0 = self.initial(B)
+        prior0 = self.prior(h0[:1])
+        h, z = h0, None
+        hs, zs, posts, priors, trans = [], [], [], [], []
+        for t in range(T):
+            first = is_first[:, t].reshape(B, 1) | (t == 0)
+            h_trans = h if t == 0 else self.recurrent(h, z, actions[:, t - 1])
+            prior_trans = self.prior(h_trans)
+            h = torch.where(first, h0, h_trans)
+            prior = torch.where(first.unsqueeze(-1), prior0, prior_trans)
+            post = self.posterior(h, embed[:, t])
+            z = sample_onehot(post)
+            if t > 0:
+                z_trans = torch.where(first.unsqueeze(-1), sample_onehot(prior_trans), z)
+                trans.append(torch.cat([h_trans, z_trans.flatten(1)], -1))
+            hs.append(h)
+            zs.append(z)
+            posts.append(post)
+            priors.append(prior)
+        stack = lambda xs: torch.stack(xs, 1)  # noqa: E731
+        return stack(hs), stack(zs), stack(posts), stack(priors), stack(trans)
+
+    def loss(self, batch, args):
+        """Eq. 1: image MSE (summed over pixels) + reward two-hot CE + continue BCE
+        + beta_1 max(1, KL(sg(post) || prior)) + beta_2 max(1, KL(post || sg(prior))), averaged over steps."""
+        hs, zs, post, prior, trans = self.observe(batch["obs"], batch["actions"], batch["conts"], batch["is_first"])
+        feat = torch.cat([hs, zs.flatten(2)], -1)
+        image = ((self.decoder(feat).float() - preprocess(batch["obs"])) ** 2).sum((-3, -2, -1)).mean()
+        reward = twohot_loss(self.reward_head(trans), batch["rewards"][:, :-1], self.bins).mean()
+        cont = F.binary_cross_entropy_with_logits(self.cont_head(trans).float().squeeze(-1), batch["conts"][:, :-1])
+        dyn = categorical_kl(post.detach(), prior).clamp(min=args.free_nats).mean()
+        rep = categorical_kl(post, prior.detach()).clamp(min=args.free_nats).mean()
+        loss = image + reward + cont + args.beta_dyn * dyn + args.beta_rep * rep
+        metrics = dict(loss=loss, image_loss=image, reward_loss=reward, cont_loss=cont, dyn_loss=dyn, rep_loss=rep,
+                       kl=categorical_kl(post, prior).mean())
+        return loss, {k: v.item() for k, v in metrics.items()}, (hs.detach(), zs.detach())
+
+
+# %% dataset
+class ReplayDataset:
+    """The real experience D: one contiguous stream per environment, step t holding (o_t, a_t, r_{t+1},
+    c_{t+1}) as in Algorithm 1, plus is_first_t and the behaviour policy's log-probability of a_t.
+    Rewards are shaped (penalty, scale). Frames stay uint8 until they go into the network."""
+
+    KEYS = ("obs", "actions", "rewards", "conts", "is_first", "logprobs")
+
+    def __init__(self, num_envs, capacity):
+        self.size = 0
+        self.data = dict(obs=np.zeros((num_envs, capacity, 64, 64, 3), np.uint8),
+                         actions=np.zeros((num_envs, capacity), np.int64),
+                         rewards=np.zeros((num_envs, capacity), np.float32),
+                         conts=np.zeros((num_envs, capacity), np.float32),
+                         is_first=np.zeros((num_envs, capacity), bool),
+                         logprobs=np.zeros((num_envs, capacity), np.float32))
+
+    def add(self, **step):
+        """Append one step of every environment (arrays with a leading num_envs axis)."""
+        if self.size == self.data["actions"].shape[1]:
+            grow = max(1, self.size // 2)
+            self.data = {k: np.concatenate([v, np.zeros_like(v[:, :grow])], 1) for k, v in self.data.items()}
+        for key in self.KEYS:
+            self.data[key][:, self.size] = step[key]
+        self.size += 1
+
+    def sample(self, batch_size, length, reward_fraction):
+        """B sequences of `length` steps; a `reward_fraction` share of them holds a step whose (shaped)
+        reward is non-zero, when there is one, so that the reward predictor sees rewards."""
+        num_envs, last_start = self.data["actions"].shape[0], self.size - length
+        envs = np.random.randint(num_envs, size=batch_size)
+        starts = np.random.randint(last_start + 1, size=batch_size)
+        rewarded_env, rewarded_t = np.nonzero(self.data["rewards"][:, : self.size - 1])
+        n_rewarded = int(round(batch_size * reward_fraction)) if len(rewarded_t) else 0
+        pick = np.random.randint(len(rewarded_t), size=n_rewarded) if n_rewarded else np.zeros(0, np.int64)
+        envs[:n_rewarded] = rewarded_env[pick]
+        # r_{t+1} is stored at step t and predicted at step t + 1 of the sequence.
+        starts[:n_rewarded] = np.clip(rewarded_t[pick] + 1 - np.random.randint(1, length, size=n_rewarded),
+                                      0, last_start)
+        index = starts[:, None] + np.arange(length)
+        return {k: v[envs[:, None], index] for k, v in self.data.items()}
+
+    def state_dict(self):
+        return dict(size=self.size, **{k: v[:, : self.size] for k, v in self.data.items()})
+
+    def load_state_dict(self, state, capacity):
+        self.size = state["size"]
+        for key in self.KEYS:
+            self.data[key] = np.zeros((state[key].shape[0], max(capacity, self.size)) + state[key].shape[2:],
+                                      state[key].dtype)
+            self.data[key][:, : self.size] = state[key]
+
+
+def to_torch(batch, device):
+    return {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
+
+
+# %% agent
+class Agent(nn.Module):
+    """Actor pi_phi(a | s) and two-hot critic v_phi(s) on the model state s = (h, z) (Section 4.2)."""
+
+    def __init__(self, feat_dim, num_actions, args):
+        super().__init__()
+        self.actor = mlp(feat_dim, num_actions, args.mlp_units, args.mlp_layers)
+        self.critic = mlp(feat_dim, args.bins, args.mlp_units, args.mlp_layers, zero_init=True)
+        self.register_buffer("bins", torch.linspace(-args.bins_extreme, args.bins_extreme, args.bins))
+
+    def value(self, s):
+        return twohot_decode(self.critic(s), self.bins)
+
+    def get_action_and_value(self, s, action=None):
+        dist = torch.distributions.Categorical(logits=self.actor(s).float())
+        if action is None:
+            action = dist.sample()
+        critic_logits = self.critic(s)
+        return action, dist.log_prob(action), dist.entropy(), critic_logits, twohot_decode(critic_logits, self.bins)
+
+
+def state_features(h, z):
+    """The agent's input s = concat(h, z), detached: the agent never trains the world model."""
+    return torch.cat([h, z.flatten(1)], -1).detach()
+
+
+def gae(rewards, values, next_values, discounts, lam):
+    """Eq. 9 over time-first tensors [T, N]: delta_t = r_{t+1} + d_t v(s_{t+1}) - v(s_t) and
+    A_t = delta_t + lambda d_t A_{t+1}, where d_t is gamma times the continuation after step t."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(len(rewards))):
+        delta = rewards[t] + discounts[t] * next_values[t] - values[t]
+        last = delta + discounts[t] * lam * last
+        advantages[t] = last
+    return advantages
+
+
+def stack_trajectory(steps, last_value):
+    """Lists of per-step tensors to time-first float32 tensors [T, N, ...], with next_values[t] = v(s_{t+1})
+    (the last one from `last_value`, the value of the state after the final step)."""
+    traj = {k: torch.stack(v) for k, v in steps.items()}
+    traj = {k: v.float() if v.is_floating_point() else v for k, v in traj.items()}
+    traj["next_values"] = torch.cat([traj["values"][1:], last_value[None].float()])
+    return traj
+
+
+class ReturnScale:
+    """P of Section 4.2 (DreamerV3): an EMA of the 5th-95th percentile range of the return targets,
+    updated on every minibatch (DreamerV3 updates it every training batch); advantages are divided by
+    max(1, P)."""
+
+    def __init__(self, decay):
+        self.decay, self.value = decay, 0.0
+
+    def update(self, returns):
+        low, high = torch.quantile(returns.float().flatten(), torch.tensor([0.05, 0.95], device=returns.device))
+        self.value = self.decay * self.value + (1 - self.decay) * (high - low).item()
+        return max(1.0, self.value)
+
+
+def ppo_update(agent, optimizer, return_scale, batch, num_minibatches, args, device):
+    """PPO (Eqs. 6-8) for `update_epochs` iterations over `num_minibatches` minibatches of the flat
+    `batch` (states, actions, logprobs, advantages, targets, weights): each minibatch's advantages are
+    divided by max(1, P) and each sample's loss is weighted."""
+    stats = []
+    for _ in range(args.update_epochs):
+        for index in torch.randperm(len(batch["actions"]), device=device).chunk(num_minibatches):
+            mb = {k: v[index] for k, v in batch.items()}
+            scale = return_scale.update(mb["targets"])
+            advantages = mb["advantages"] / scale
+            with autocast(device):
+                _, logprob, entropy, critic_logits, _ = agent.get_action_and_value(mb["states"], mb["actions"])
+            ratio = (logprob - mb["logprobs"]).exp()
+            pg_loss = -torch.min(ratio * advantages, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * advantages)
+            v_loss = twohot_loss(critic_logits, mb["targets"], agent.bins)
+            w = mb["weights"]
+            loss = (w * (pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy)).sum() / w.sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
+            with torch.no_grad():
+                stats.append(torch.stack([loss, (w * pg_loss).sum() / w.sum(), (w * v_loss).sum() / w.sum(),
+                                          (w * entropy).sum() / w.sum(), ((ratio - 1) - ratio.log()).mean(),
+                                          ((ratio - 1).abs() > args.clip_coef).float().mean(),
+                                          torch.tensor(scale, device=device)]))
+    names = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "return_scale")
+    return dict(zip(names, torch.stack(stats).mean(0).tolist()))
+
+
+def train_agent(agent, optimizer, return_scale, traj, gamma, args, device):
+    """GAE on a batch of trajectories (time-first), critic targets A + v (Eq. 8), then PPO. `traj` holds
+    states, actions, logprobs, values, next_values, rewards, conts, weights."""
+    advantages = gae(traj["rewards"], traj["values"], traj["next_values"], gamma * traj["conts"], args.gae_lambda)
+    batch = dict(states=traj["states"], actions=traj["actions"], logprobs=traj["logprobs"], advantages=advantages,
+                 targets=advantages + traj["values"], weights=traj["weights"])
+    return ppo_update(agent, optimizer, return_scale, {k: v.flatten(0, 1) for k, v in batch.items()},
+                      args.agent_updates, args, device)
+
+
+# %% offline ppo
+def check_transformation_args(args):
+    """The offline night's flags."""
+    if args.tv_target <= 0:
+        fail("--tv-target", f"must be positive, got {args.tv_target}")
+    if args.adapt_factor < 0:
+        fail("--adapt-factor", f"must be 0 or more, got {args.adapt_factor}")
+    if args.max_ratio <= 1:
+        fail("--max-ratio", f"must be above 1 (an on-policy sample has ratio 1), got {args.max_ratio}")
+
+
+def capped_ratio(logprob, behaviour_logprob, max_ratio):
+    """pi/mu from log-probabilities, capped at `max_ratio` in log space: finite for any mu (even 0), and
+    independent of pi (zero gradient) at the cap."""
+    return (logprob - behaviour_logprob).clamp(max=math.log(max_ratio)).exp()
+
+
+def geppo_loss(logprob, old_logprob, behaviour_logprob, advantages, clip_coef, max_ratio):
+    """GePPO's clipped objective (Queeney et al., 2021) as a loss per sample: -min(r A, clip(r, c - eps,
+    c + eps) A) with r = pi/mu and the clip centred on c = pi_old/mu. With mu = pi_old, c = 1: PPO's Eq. 7.
+    Returns the loss, r and c."""
+    ratio = capped_ratio(logprob, behaviour_logprob, max_ratio)
+    center = capped_ratio(old_logprob, behaviour_logprob, max_ratio)
+    clipped = torch.clamp(ratio, center - clip_coef, center + clip_coef)
+    return -torch.min(ratio * advantages, clipped * advantages), ratio, center
+
+
+def vtrace(rewards, values, next_values, discounts, lam, log_rhos):
+    """V-trace (Espeholt et al., 2018) with truncation c_bar = rho_bar = 1, over time-first tensors [T, N],
+    for pi_old on data of mu: rho_t = min(1, pi_old(a_t | s_t) / mu(a_t | s_t)) from log_rhos = log pi_old -
+    log mu (so in [0, 1] whatever mu), traces c_t = lambda rho_t, d_t gamma times the continuation after step t
+    and delta_t = r_{t+1} + d_t v(s_{t+1}) - v(s_t). Returns the advantages of the actions taken,
+    A_t = delta_t + d_t lambda rho_{t+1} A_{t+1} (GePPO weighs them by pi/mu), and the targets
+    v_t = v(s_t) + rho_t A_t: the V-trace recursion v_t - v(s_t) = rho_t delta_t + d_t c_t (v_{t+1} - v(s_{t+1})).
+    With every rho = 1, A is GAE (Eq. 9) and v_t = A_t + v(s_t)."""
+    rhos = log_rhos.clamp(max=0).exp()
+    advantages = torch.zeros_like(rewards)
+    last, next_rho = torch.zeros_like(rewards[0]), torch.ones_like(rewards[0])
+    for t in reversed(range(len(rewards))):
+        delta = rewards[t] + discounts[t] * next_values[t] - values[t]
+        last = delta + discounts[t] * lam * next_rho * last
+        advantages[t], next_rho = last, rhos[t]
+    return advantages, values + rhos * advantages
+
+
+def tv_distance(logprob, old_logprob, behaviour_logprob, max_ratio):
+    """GePPO's estimate of the total-variation distance between pi and pi_old on samples of mu:
+    0.5 E_mu[|pi/mu - pi_old/mu|] (with the capped ratios)."""
+    return 0.5 * (capped_ratio(logprob, behaviour_logprob, max_ratio)
+                  - capped_ratio(old_logprob, behaviour_logprob, max_ratio)).abs().mean().item()
+
+
+def adapt_learning_rate(group, tv, target, factor):
+    """GePPO's adaptive learning rate of an optimizer's param group: divided by 1 + factor when the TV
+    distance is above the target, multiplied by it when below half the target, left alone in between."""
+    if tv > target:
+        group["lr"] /= 1 + factor
+    elif tv < target / 2:
+        group["lr"] *= 1 + factor
+    return group["lr"]
+
+
+def actor_critic_optimizer(agent, optimizer, lr):
+    """The agent's Adam, its moments kept, regrouped so that the actor's learning rate (param_groups[0])
+    can adapt apart from the critic's (param_groups[1]); both start at `lr`."""
+    regrouped = torch.optim.Adam([dict(params=agent.actor.parameters()), dict(params=agent.critic.parameters())],
+                                 lr=lr)
+    for p in agent.parameters():
+        if p in optimizer.state:
+            regrouped.state[p] = optimizer.state[p]
+    return regrouped
+
+
+@torch.no_grad()
+def offline_sequences(wm, agent, dataset, n, args, device):
+    """n real sequences of H + 1 steps drawn uniformly from the dataset, as time-first tensors [H, n]: the
+    posterior states of the frozen world model, the actions, their behaviour log-probabilities log mu and
+    pi_old's, pi_old's values v(s_t) and v(s_{t+1}), the (shaped) rewards, and the continuations, cut where
+    an episode ends or a new one starts inside the sequence (nothing bootstraps across episodes)."""
+    if dataset.size < args.horizon + 1:
+        fail("--horizon", f"the night needs sequences of H + 1 = {args.horizon + 1} steps; the dataset holds "
+                          f"{dataset.size} per environment")
+    batch = to_torch(dataset.sample(n, args.horizon + 1, 0.0), device)
+    seq = {k: batch[k].transpose(0, 1) for k in ("actions", "rewards", "conts", "is_first", "logprobs")}
+    with autocast(device):
+        hs, zs, *_ = wm.observe(batch["obs"], batch["actions"], batch["conts"], batch["is_first"])
+        states = state_features(hs.transpose(0, 1).flatten(0, 1), zs.transpose(0, 1).flatten(0, 1))
+        states = states.reshape(args.horizon + 1, n, -1)
+        _, logprobs, _, _, values = agent.get_action_and_value(states, seq["actions"])
+    H = args.horizon
+    return dict(states=states[:H].float(), actions=seq["actions"][:H], behaviour_logprobs=seq["logprobs"][:H].float(),
+                old_logprobs=logprobs[:H].float(), values=values[:H].float(), next_values=values[1:].float(),
+                rewards=seq["rewards"][:H].float(), conts=seq["conts"][:H].float() * ~seq["is_first"][1:])
+
+
+def geppo_update(agent, optimizer, return_scale, batch, num_minibatches, args, device):
+    """GePPO for `update_epochs` iterations over `num_minibatches` minibatches of the flat `batch` (states,
+    actions, behaviour_logprobs, old_logprobs, advantages, targets): each minibatch's advantages are divided
+    by max(1, P); the clipped objective, the two-hot critic (Eq. 8) and the entropy bonus (Eq. 6) are
+    averaged over the samples."""
+    stats = []
+    for _ in range(args.update_epochs):
+        for index in torch.randperm(len(batch["actions"]), device=device).chunk(num_minibatches):
+            mb = {k: v[index] for k, v in batch.items()}
+            scale = return_scale.update(mb["targets"])
+            with autocast(device):
+                _, logprob, entropy, critic_logits, _ = agent.get_action_and_value(mb["states"], mb["actions"])
+            pg_loss, ratio, center = geppo_loss(logprob.float(), mb["old_logprobs"], mb["behaviour_logprobs"],
+                                                mb["advantages"] / scale, args.clip_coef, args.max_ratio)
+            v_loss = twohot_loss(critic_logits, mb["targets"], agent.bins)
+            loss = (pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
+            with torch.no_grad():
+                log_ratio = logprob.float() - mb["old_logprobs"]  # pi / pi_old
+                stats.append(torch.stack([loss, pg_loss.mean(), v_loss.mean(), entropy.mean(),
+                                          (log_ratio.exp() - 1 - log_ratio).mean(),
+                                          ((ratio - center).abs() > args.clip_coef).float().mean(),
+                                          torch.tensor(scale, device=device)]))
+    names = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "return_scale")
+    return dict(zip(names, torch.stack(stats).mean(0).tolist()))
+
+
+def train_offline(agent, optimizer, return_scale, traj, args, device):
+    """V-trace on a batch of real sequences (time-first, from `offline_sequences`), GePPO, then the TV
+    distance between pi and pi_old on the batch and, with --adapt-lr, the actor's next learning rate.
+    Returns the losses and the `offline/*` statistics."""
+    log_rhos = traj["old_logprobs"] - traj["behaviour_logprobs"]
+    advantages, targets = vtrace(traj["rewards"], traj["values"], traj["next_values"],
+                                 args.day_gamma * traj["conts"], args.gae_lambda, log_rhos)
+    batch = dict(states=traj["states"], actions=traj["actions"], behaviour_logprobs=traj["behaviour_logprobs"],
+                 old_logprobs=traj["old_logprobs"], advantages=advantages, targets=targets)
+    batch = {k: v.flatten(0, 1) for k, v in batch.items()}
+    lr = optimizer.param_groups[0]["lr"]
+    stats = geppo_update(agent, optimizer, return_scale, batch, args.agent_updates, args, device)
+    with torch.no_grad(), autocast(device):
+        logprob = agent.get_action_and_value(batch["states"], batch["actions"])[1].float()
+    tv = tv_distance(logprob, batch["old_logprobs"], batch["behaviour_logprobs"], args.max_ratio)
+    if args.adapt_lr:
+        adapt_learning_rate(optimizer.param_groups[0], tv, args.tv_target, args.adapt_factor)
+    center = capped_ratio(batch["old_logprobs"], batch["behaviour_logprobs"], args.max_ratio)
+    offline = dict(actor_lr=lr, tv=tv, ratio_mean=center.mean().item(),
+                   rho_mean=log_rhos.clamp(max=0).exp().mean().item(),
+                   capped_frac=(center >= args.max_ratio * (1 - 1e-6)).float().mean().item(),
+                   tiny_mu_frac=(batch["behaviour_logprobs"] < -math.log(args.max_ratio)).float().mean().item(),
+                   advantage_mean=advantages.mean().item(), target_mean=targets.mean().item())
+    return stats, offline
+
+
+# %% evaluation
+@torch.no_grad()
+def evaluate(wm, agent, args, step, device):
+    """Mean game score of the current policy, acting on posterior states, over the first
+    `test_repetitions` episodes of each of `num_envs` test environments (the full level distribution).
+    ProcGen ignores resets, so every evaluation makes fresh environments, their levels drawn from the
+    seed and the step: no episode is counted half-played."""
+    envs = make_env(args.env_id, args.num_envs, 0, (args.seed * 1_000_003 + step) % 2**31)
+    n, repetitions = args.num_envs, args.test_repetitions
+    obs = torch.as_tensor(envs.reset()["rgb"], device=device)
+    h, z = wm.initial(n), torch.zeros(n, wm.C, wm.J, device=device)
+    action, is_first = torch.zeros(n, dtype=torch.long, device=device), torch.ones(n, dtype=torch.bool, device=device)
+    score, scores = np.zeros(n), [[] for _ in range(n)]
+    while min(len(s) for s in scores) < repetitions:
+        with autocast(device):
+            h, z = wm.filter_step(h, z, action, obs, is_first)
+            action = agent.get_action_and_value(state_features(h, z))[0]
+        next_obs, reward, done, _ = envs.step(action.cpu().numpy())
+        score += reward
+        for i in np.nonzero(done)[0]:
+            scores[i].append(score[i])
+            score[i] = 0.0
+        obs = torch.as_tensor(next_obs["rgb"], device=device)
+        is_first = torch.as_tensor(done, device=device)
+    envs.close()
+    return float(np.mean([s[:repetitions] for s in scores]))
+
+
+# %% checkpoint
+def save_checkpoint(path, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, args, progress):
+    """The state at the end of the day: models, optimizers, P, dataset, RNG states, arguments, progress."""
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    torch.save(dict(world_model=wm.state_dict(), agent=agent.state_dict(), wm_optimizer=wm_optimizer.state_dict(),
+                    agent_optimizer=agent_optimizer.state_dict(), return_scale=return_scale.value,
+                    dataset=dataset.state_dict(), rng=rng, args=asdict(args), progress=progress), path)
+
+
+def load_checkpoint(path, args):
+    """Read a day checkpoint and refuse one made with other sizes or another game."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        saved = ckpt["args"]
+    except Exception as e:  # a file that is not a day checkpoint
+        fail("--day-checkpoint", f"{path!r} is not a day checkpoint of these scripts ({e})")
+    wrong = [f"--{k.replace('_', '-')} {saved.get(k)!r} (here {getattr(args, k)!r})"
+             for k in DAY_FIELDS if saved.get(k) != getattr(args, k)]
+    if wrong:
+        fail("--day-checkpoint", f"{path!r} was made with other settings; run with: " + ", ".join(wrong))
+    return ckpt
+
+
+def restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, capacity):
+    wm.load_state_dict(ckpt["world_model"])
+    agent.load_state_dict(ckpt["agent"])
+    wm_optimizer.load_state_dict(ckpt["wm_optimizer"])
+    agent_optimizer.load_state_dict(ckpt["agent_optimizer"])
+    return_scale.value = ckpt["return_scale"]
+    dataset.load_state_dict(ckpt["dataset"], capacity)
+    random.setstate(ckpt["rng"]["python"])
+    np.random.set_state(ckpt["rng"]["numpy"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt["progress"]
+
+
+# %% logging
+class Logger:
+    """TensorBoard scalars and a line of progress per epoch in the terminal."""
+
+    def __init__(self, run_name, args, total_epochs):
+        if args.track:
+            import wandb
+
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=vars(args), name=run_name, save_code=True)
+        self.writer = SummaryWriter(f"runs/{run_name}")
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+            f"|{k}|{v}|" for k, v in vars(args).items()))
+        self.start, self.epochs_done, self.total_epochs = time.time(), 0, total_epochs
+
+    def scalars(self, family, values, step):
+        for key, value in values.items():
+            self.writer.add_scalar(f"{family}/{key}", value, step)
+
+    def progress(self, phase, epoch, epochs, step, text):
+        self.epochs_done += 1
+        elapsed = time.time() - self.start
+        left = elapsed / self.epochs_done * (self.total_epochs - self.epochs_done)
+        print(f"[{phase} {epoch}/{epochs}] step {step:,} {text} | {elapsed / 60:.1f} min, about {left / 60:.1f} "
+              f"min left", flush=True)
+
+
+# %% day
+def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device):
+    """Algorithm 1 by day: S random seed episodes, then E_d epochs of U_w world-model updates, T_d real
+    steps with the agent acting on posterior states, a PPO update on them, and an evaluation."""
+    penalty, scale = reward_shaping(args)
+    n, num_actions = args.num_envs, envs.action_space.n
+    obs, is_first = envs.reset()["rgb"], np.ones(n, bool)
+    score, step, episodes = np.zeros(n), 0, 0
+    while episodes < args.seed_episodes or dataset.size < args.seq_len:
+        action = np.random.randint(num_actions, size=n)
+        next_obs, reward, done, _ = envs.step(action)
+        dataset.add(obs=obs, actions=action, rewards=shape_reward(reward, done, penalty, scale), conts=1.0 - done,
+                    is_first=is_first, logprobs=np.full(n, -math.log(num_actions)))
+        score += reward
+        score[done] = 0.0
+        obs, is_first, step, episodes = next_obs["rgb"], done, step + n, episodes + done.sum()
+    # The agent's state s_t of the current frame; from here on each real frame is filtered once.
+    with torch.no_grad(), autocast(device):
+        h, z = wm.filter_step(wm.initial(n), torch.zeros(n, wm.C, wm.J, device=device),
+                              torch.zeros(n, dtype=torch.long, device=device), torch.as_tensor(obs, device=device),
+                              torch.ones(n, dtype=torch.bool, device=device))
+    test_return = None
+    for epoch in range(1, args.day_epochs + 1):
+        t0 = time.time()
+        wm_stats = []
+        for _ in range(args.wm_updates):
+            batch = to_torch(dataset.sample(args.wm_batch_size, args.seq_len, args.reward_seq_fraction), device)
+            with autocast(device):
+                loss, metrics, _ = wm.loss(batch, args)
+            wm_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(wm.parameters(), args.wm_grad_clip)
+            wm_optimizer.step()
+            wm_stats.append(metrics)
+        t1 = time.time()
+        keys = ("states", "actions", "logprobs", "values", "rewards", "conts")
+        traj, finished = {k: [] for k in keys}, []
+        for _ in range(args.day_steps // n):
+            s = state_features(h, z)
+            with torch.no_grad(), autocast(device):
+                action, logprob, _, _, value = agent.get_action_and_value(s)
+            next_obs, reward, done, _ = envs.step(action.cpu().numpy())
+            shaped = shape_reward(reward, done, penalty, scale)
+            dataset.add(obs=obs, actions=action.cpu().numpy(), rewards=shaped, conts=1.0 - done, is_first=is_first,
+                        logprobs=logprob.float().cpu().numpy())
+            score += reward
+            finished += list(score[done])
+            score[done] = 0.0
+            obs, is_first = next_obs["rgb"], done
+            with torch.no_grad(), autocast(device):
+                h, z = wm.filter_step(h, z, action, torch.as_tensor(obs, device=device),
+                                      torch.as_tensor(done, device=device))
+            for key, x in zip(keys, (s, action, logprob, value, torch.as_tensor(shaped, device=device),
+                                     torch.as_tensor(1.0 - done, device=device))):
+                traj[key].append(x)
+        with torch.no_grad(), autocast(device):
+            traj = stack_trajectory(traj, agent.value(state_features(h, z)))
+        traj["weights"] = torch.ones_like(traj["rewards"])
+        stats = train_agent(agent, agent_optimizer, return_scale, traj, args.day_gamma, args, device)
+        step += args.day_steps
+        sps = args.day_steps / (time.time() - t1)
+        test_return = evaluate(wm, agent, args, step, device)
+        wm_means = {k: float(np.mean([m[k] for m in wm_stats])) for k in wm_stats[0]}
+        log.scalars("world_model", wm_means, step)
+        log.scalars("losses", stats, step)
+        log.scalars("charts", dict(test_return=test_return, SPS=sps, wm_update_seconds=(t1 - t0) / args.wm_updates),
+                    step)
+        train_text = "-"
+        if finished:
+            log.scalars("charts", dict(train_return=float(np.mean(finished))), step)
+            train_text = f"{np.mean(finished):.2f}"
+        log.progress("day", epoch, args.day_epochs, step,
+                     f"test {test_return:.2f} train {train_text} wm_loss {wm_means['loss']:.1f} SPS {sps:.0f}")
+    return dict(step=step, test_return=test_return)
+
+
+# %% offline night
+def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, step):
+    """The Offline baseline's night: E_n epochs of GePPO on U_a B_a real sequences of H steps encoded by the
+    frozen world model (U_a B_a H samples, the x-axis of a dreaming night), and an evaluation."""
+    wm.requires_grad_(False)
+    optimizer = actor_critic_optimizer(agent, agent_optimizer, args.night_lr)
+    n = args.agent_batch_size * args.agent_updates
+    for epoch in range(1, args.night_epochs + 1):
+        t0 = time.time()
+        traj = offline_sequences(wm, agent, dataset, n, args, device)
+        stats, offline_stats = train_offline(agent, optimizer, return_scale, traj, args, device)
+        step += n * args.horizon
+        sps = n * args.horizon / (time.time() - t0)
+        test_return = evaluate(wm, agent, args, step, device)
+        log.scalars("losses", stats, step)
+        log.scalars("offline", offline_stats, step)
+        log.scalars("charts", dict(test_return=test_return, SPS=sps), step)
+        log.progress("night", epoch, args.night_epochs, step,
+                     f"test {test_return:.2f} TV {offline_stats['tv']:.3f} actor lr {offline_stats['actor_lr']:.2e} "
+                     f"SPS {sps:.0f}")
+    return step
+
+
+# %% main
+def main(args):
+    check_args(args)
+    ckpt = load_checkpoint(args.day_checkpoint, args) if args.day_checkpoint else None
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    envs = make_env(args.env_id, args.num_envs, args.num_levels, args.seed)
+    num_actions = envs.action_space.n
+    wm = WorldModel(args, num_actions).to(device)
+    agent = Agent(wm.feat_dim, num_actions, args).to(device)
+    wm_optimizer = torch.optim.Adam(wm.parameters(), lr=args.day_lr)
+    agent_optimizer = torch.optim.Adam(agent.parameters(), lr=args.day_lr)
+    return_scale = ReturnScale(args.return_scale_decay)
+    capacity = math.ceil((args.day_epochs * args.day_steps) / args.num_envs) + 1000
+    dataset = ReplayDataset(args.num_envs, capacity)
+    log = Logger(run_name, args, args.night_epochs + (0 if ckpt else args.day_epochs))
+    day_text = f"night only, from {args.day_checkpoint}" if ckpt else f"{args.day_epochs} day epochs of {args.day_steps} real steps"
+    print(f"{run_name} on {device}: {day_text}, {args.night_epochs} night epochs of "
+          f"{args.agent_batch_size * args.agent_updates} dreams", flush=True)
+
+    if ckpt is None:
+        progress = day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device)
+        if args.save_day:
+            path = f"runs/{run_name}/day.pt"
+            save_checkpoint(path, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, args, progress)
+            print(f"day checkpoint: {path}", flush=True)
+    else:
+        progress = restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, capacity)
+        log.scalars("charts", dict(test_return=progress["test_return"]), progress["step"])
+        print(f"night from {args.day_checkpoint}: day ended at step {progress['step']:,} with test return "
+              f"{progress['test_return']:.2f}", flush=True)
+    night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, progress["step"])
+    envs.close()
+    log.writer.close()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
