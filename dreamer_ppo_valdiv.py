@@ -927,7 +927,7 @@ def main(args):
     log = Logger(run_name, args, args.night_epochs + (0 if ckpt else args.day_epochs))
     day_text = f"night only, from {args.day_checkpoint}" if ckpt else f"{args.day_epochs} day epochs of {args.day_steps} real steps"
     print(f"{run_name} on {device}: {day_text}, {args.night_epochs} night epochs of "
-          f"{args.agent_batch_size * args.agent_updates} dreams", flush=True)
+          f"{args.agent_batch_size * args.agent_updates} agent sequences of {args.horizon} steps", flush=True)
 
     if ckpt is None:
         progress = day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device)
