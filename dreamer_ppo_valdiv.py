@@ -468,14 +468,16 @@ class ReplayDataset:
         return {k: v[envs[:, None], index] for k, v in self.data.items()}
 
     def state_dict(self):
-        return dict(size=self.size, **{k: v[:, : self.size] for k, v in self.data.items()})
+        """The filled steps as tensors: torch.save writes them as raw bytes (numpy arrays it would pickle)."""
+        return dict(size=self.size, **{k: torch.from_numpy(np.ascontiguousarray(v[:, : self.size]))
+                                       for k, v in self.data.items()})
 
     def load_state_dict(self, state, capacity):
         self.size = state["size"]
         for key in self.KEYS:
-            self.data[key] = np.zeros((state[key].shape[0], max(capacity, self.size)) + state[key].shape[2:],
-                                      state[key].dtype)
-            self.data[key][:, : self.size] = state[key]
+            saved = np.asarray(state[key])
+            self.data[key] = np.zeros((saved.shape[0], max(capacity, self.size)) + saved.shape[2:], saved.dtype)
+            self.data[key][:, : self.size] = saved
 
 
 def to_torch(batch, device):
@@ -937,6 +939,7 @@ def main(args):
             print(f"day checkpoint: {path}", flush=True)
     else:
         progress = restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, capacity)
+        ckpt = None  # the dataset now lives in `dataset`: free the checkpoint's copy
         log.scalars("charts", dict(test_return=progress["test_return"]), progress["step"])
         print(f"night from {args.day_checkpoint}: day ended at step {progress['step']:,} with test return "
               f"{progress['test_return']:.2f}", flush=True)
