@@ -35,7 +35,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Literal, Optional
 
 import numpy as np
@@ -980,6 +980,14 @@ def main(args):
     day_text = f"night only, from {args.day_checkpoint}" if ckpt else f"{args.day_epochs} day epochs of {args.day_steps} real steps"
     print(f"{run_name} on {device}: {day_text}, {args.night_epochs} night epochs of "
           f"{args.agent_batch_size * args.agent_updates} agent sequences of {args.horizon} steps", flush=True)
+    bookkeeping = {"exp_name", "seed", "env_id", "cuda", "track", "wandb_project_name", "wandb_entity", "save_day",
+                   "day_checkpoint", "torch_deterministic", "dream_images_every"}
+    changed = [f"--{f.name.replace('_', '-')}" for f in fields(args)
+               if f.name not in bookkeeping and getattr(args, f.name) != f.default]
+    if changed:
+        print(f"not the paper's protocol ({' '.join(changed)} changed): the full run is every default, "
+              f"`python {os.path.basename(__file__)} --env-id {args.env_id} --seed {args.seed}` (1M real steps "
+              f"by day, about 1M dreamed by night; a GPU job)", flush=True)
 
     if ckpt is None:
         progress = day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device)

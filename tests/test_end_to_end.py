@@ -233,6 +233,11 @@ def test_day_and_night_run(day_runs, init):
     assert all(v == 0 for _, v in tags["dream/transformed_frac"])  # the baseline does not transform
     assert [s for s, _ in tags["losses/value_loss"]] == steps
     assert "dream/before_after" in run["images"]  # decoded dreams at the first night epoch (Figure 2)
+    # a run at other sizes than the paper's names them and prints the full protocol's command
+    line = next(line for line in run["out"].splitlines() if line.startswith("not the paper's protocol"))
+    changed = line[line.index("(") + 1: line.index(" changed)")].split()
+    assert {"--day-epochs", "--categoricals", "--horizon"} <= set(changed) and "--seed" not in changed
+    assert "the full run is every default, `python dreamer_ppo.py --env-id coinrun --seed 1`" in line
 
     ckpt = torch.load(run["run_dir"] / "day.pt", weights_only=False)
     assert {"world_model", "agent", "dataset", "args", "rng"} <= set(ckpt)
