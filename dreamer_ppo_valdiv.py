@@ -620,7 +620,7 @@ def imagine(wm, agent, h, z, horizon, args):
             if changed.any():
                 transformed += changed.sum().item()
                 value_moves.append((value[changed] - agent.value(s_in[changed])).abs())
-            h = wm.recurrent(h, z, action)
+            h = wm.recurrent(h, z, action).float()  # float32 dream states: CUDA autocast's GRU gives bf16
             z = sample_onehot(wm.prior(h))
             reward, cont = wm.heads(state_features(h, z))
         for key, x in zip(keys, (s, action, logprob, value, reward, cont)):
