@@ -110,10 +110,10 @@ class EpisodeProbe:
 
 
 def test_evaluation_scores_whole_episodes_of_the_current_policy(monkeypatch):
-    # Each evaluation reports the score of `test_repetitions` whole episodes per test environment, on the full
-    # level distribution. ProcGen ignores a manual reset mid-episode: an evaluation must not count an episode
-    # found under way (begun by an earlier policy, partly scored).
-    args = tiny_args(num_envs=3, test_repetitions=1)
+    # Each evaluation reports the mean score of num_envs x test_repetitions whole episodes, one in each of that
+    # many fresh test environments, on the full level distribution. ProcGen ignores a manual reset mid-episode:
+    # an evaluation must not count an episode found under way (begun by an earlier policy, partly scored).
+    args = tiny_args(num_envs=3, test_repetitions=2)
     wm, agent = make_models(args)
     made, make_env = [], dreamer_ppo.make_env
 
@@ -125,10 +125,11 @@ def test_evaluation_scores_whole_episodes_of_the_current_policy(monkeypatch):
     monkeypatch.setattr(dreamer_ppo, "make_env", probed_make_env)
     for step in (100, 200):
         score = dreamer_ppo.evaluate(wm, agent, args, step, CPU)
-        # the mean of one coinrun score (0 or 10) per environment
-        assert abs(score * 3 / 10 - round(score * 3 / 10)) < 1e-9 and 0 <= score <= 10
+        # the mean of six coinrun scores (0 or 10), one per environment
+        assert abs(score * 6 / 10 - round(score * 6 / 10)) < 1e-9 and 0 <= score <= 10
     probes = [m["probe"] for m in made]
     assert probes, "evaluate made no environment through make_env"
-    assert all((p.whole >= args.test_repetitions).all() for p in probes), [p.whole for p in probes]
+    assert all(p.num_envs == 6 and (p.whole >= 1).all() for p in probes), [p.whole for p in probes]
+    assert made[0]["seed"] != made[1]["seed"]  # other levels at each evaluation
     assert all(m["num_levels"] == 0 for m in made)  # the full distribution
     assert all(p.closed for p in probes)
