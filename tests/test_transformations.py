@@ -172,7 +172,6 @@ def test_imagine_transforms_one_dream_state_in_H(name):
     assert is_onehot(traj["states"][..., args.rnn_units:].unflatten(-1, (args.categoricals, args.classes)))
 
 
-
 @pytest.mark.parametrize("name", VARIANTS)
 def test_imagine_transforms_the_bf16_states_of_cuda_autocast(name, monkeypatch):
     """Under CUDA autocast the GRU gives bf16 h (CPU autocast does not): dreams still transform, in float32."""
@@ -185,6 +184,7 @@ def test_imagine_transforms_the_bf16_states_of_cuda_autocast(name, monkeypatch):
     torch.manual_seed(1)
     traj, stats = module.imagine(wm, agent, h, z, args.horizon, args)
     assert stats["transformed_frac"] > 0 and traj["states"].dtype == torch.float32
+
 
 # %% FullDreamer
 def test_full_dreamer_uses_the_three_transformations_in_equal_shares(monkeypatch):
