@@ -572,34 +572,41 @@ class ReturnScale:
         return max(1.0, self.value)
 
 
-def ppo_update(agent, optimizer, return_scale, batch, num_minibatches, args, device):
+def ppo_objective(logprob, mb, advantages, args):
+    """PPO's clipped objective (Eq. 7) as a loss per sample, -min(r A, clip(r, 1 - eps, 1 + eps) A) with
+    r = pi/pi_old, and whether each r lies beyond the clip."""
+    ratio = (logprob - mb["logprobs"]).exp()
+    pg_loss = -torch.min(ratio * advantages, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * advantages)
+    return pg_loss, (ratio - 1).abs() > args.clip_coef
+
+
+def ppo_update(agent, optimizer, return_scale, batch, num_minibatches, args, device, objective=ppo_objective):
     """PPO (Eqs. 6-8) for `update_epochs` iterations over `num_minibatches` minibatches of the flat
-    `batch` (states, actions, logprobs, advantages, targets, weights): each minibatch's advantages are
-    divided by max(1, P) and each sample's loss is weighted."""
-    stats = []
+    `batch` (states, actions, logprobs of pi_old, advantages, targets, weights): each minibatch's advantages
+    are divided by max(1, P), the policy term is `objective` (Eq. 7 unless another is given), and each
+    sample's loss is weighted."""
+    stats, scales = [], []
     for _ in range(args.update_epochs):
         for index in torch.randperm(len(batch["actions"]), device=device).chunk(num_minibatches):
             mb = {k: v[index] for k, v in batch.items()}
-            scale = return_scale.update(mb["targets"])
-            advantages = mb["advantages"] / scale
+            scales.append(return_scale.update(mb["targets"]))
             with autocast(device):
                 _, logprob, entropy, critic_logits, _ = agent.get_action_and_value(mb["states"], mb["actions"])
-            ratio = (logprob - mb["logprobs"]).exp()
-            pg_loss = -torch.min(ratio * advantages, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * advantages)
+            logprob = logprob.float()
+            pg_loss, clipped = objective(logprob, mb, mb["advantages"] / scales[-1], args)
             v_loss = twohot_loss(critic_logits, mb["targets"], agent.bins)
-            w = mb["weights"]
-            loss = (w * (pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy)).sum() / w.sum()
+            w = mb["weights"] / mb["weights"].sum()
+            loss = (w * (pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy)).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             optimizer.step()
             with torch.no_grad():
-                stats.append(torch.stack([loss, (w * pg_loss).sum() / w.sum(), (w * v_loss).sum() / w.sum(),
-                                          (w * entropy).sum() / w.sum(), ((ratio - 1) - ratio.log()).mean(),
-                                          ((ratio - 1).abs() > args.clip_coef).float().mean(),
-                                          torch.tensor(scale, device=device)]))
-    names = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "return_scale")
-    return dict(zip(names, torch.stack(stats).mean(0).tolist()))
+                log_ratio = logprob - mb["logprobs"]  # pi / pi_old
+                stats.append(torch.stack([loss, (w * pg_loss).sum(), (w * v_loss).sum(), (w * entropy).sum(),
+                                          (log_ratio.exp() - 1 - log_ratio).mean(), clipped.float().mean()]))
+    names = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")
+    return dict(zip(names, torch.stack(stats).mean(0).tolist()), return_scale=float(np.mean(scales)))
 
 
 def train_agent(agent, optimizer, return_scale, traj, gamma, args, device):
@@ -707,54 +714,34 @@ def offline_sequences(wm, agent, dataset, n, args, device):
                 rewards=seq["rewards"][:H].float(), conts=seq["conts"][:H].float() * ~seq["is_first"][1:])
 
 
-def geppo_update(agent, optimizer, return_scale, batch, num_minibatches, args, device):
-    """GePPO for `update_epochs` iterations over `num_minibatches` minibatches of the flat `batch` (states,
-    actions, behaviour_logprobs, old_logprobs, advantages, targets): each minibatch's advantages are divided
-    by max(1, P); the clipped objective, the two-hot critic (Eq. 8) and the entropy bonus (Eq. 6) are
-    averaged over the samples."""
-    stats = []
-    for _ in range(args.update_epochs):
-        for index in torch.randperm(len(batch["actions"]), device=device).chunk(num_minibatches):
-            mb = {k: v[index] for k, v in batch.items()}
-            scale = return_scale.update(mb["targets"])
-            with autocast(device):
-                _, logprob, entropy, critic_logits, _ = agent.get_action_and_value(mb["states"], mb["actions"])
-            pg_loss, ratio, center = geppo_loss(logprob.float(), mb["old_logprobs"], mb["behaviour_logprobs"],
-                                                mb["advantages"] / scale, args.clip_coef, args.max_ratio)
-            v_loss = twohot_loss(critic_logits, mb["targets"], agent.bins)
-            loss = (pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-            optimizer.step()
-            with torch.no_grad():
-                log_ratio = logprob.float() - mb["old_logprobs"]  # pi / pi_old
-                stats.append(torch.stack([loss, pg_loss.mean(), v_loss.mean(), entropy.mean(),
-                                          (log_ratio.exp() - 1 - log_ratio).mean(),
-                                          ((ratio - center).abs() > args.clip_coef).float().mean(),
-                                          torch.tensor(scale, device=device)]))
-    names = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "return_scale")
-    return dict(zip(names, torch.stack(stats).mean(0).tolist()))
+def geppo_objective(logprob, mb, advantages, args):
+    """`geppo_loss` as the policy term of `ppo_update` (mb's logprobs are pi_old's), and whether each r lies
+    beyond its clip around c."""
+    pg_loss, ratio, center = geppo_loss(logprob, mb["logprobs"], mb["behaviour_logprobs"], advantages,
+                                        args.clip_coef, args.max_ratio)
+    return pg_loss, (ratio - center).abs() > args.clip_coef
 
 
 def train_offline(agent, optimizer, return_scale, traj, args, device):
-    """V-trace on a batch of real sequences (time-first, from `offline_sequences`), GePPO, then the TV
-    distance between pi and pi_old on the batch and, with --adapt-lr, the actor's next learning rate.
-    Returns the losses and the `offline/*` statistics."""
+    """V-trace on a batch of real sequences (time-first, from `offline_sequences`), GePPO (`ppo_update` with
+    `geppo_objective`, every sample weighing the same), then the TV distance between pi and pi_old on the
+    batch and, with --adapt-lr, the actor's next learning rate. Returns the losses and the `offline/*`
+    statistics."""
     log_rhos = traj["old_logprobs"] - traj["behaviour_logprobs"]
     advantages, targets = vtrace(traj["rewards"], traj["values"], traj["next_values"],
                                  args.day_gamma * traj["conts"], args.gae_lambda, log_rhos)
     batch = dict(states=traj["states"], actions=traj["actions"], behaviour_logprobs=traj["behaviour_logprobs"],
-                 old_logprobs=traj["old_logprobs"], advantages=advantages, targets=targets)
+                 logprobs=traj["old_logprobs"], advantages=advantages, targets=targets,
+                 weights=torch.ones_like(advantages))
     batch = {k: v.flatten(0, 1) for k, v in batch.items()}
     lr = optimizer.param_groups[0]["lr"]
-    stats = geppo_update(agent, optimizer, return_scale, batch, args.agent_updates, args, device)
+    stats = ppo_update(agent, optimizer, return_scale, batch, args.agent_updates, args, device, geppo_objective)
     with torch.no_grad(), autocast(device):
         logprob = agent.get_action_and_value(batch["states"], batch["actions"])[1].float()
-    tv = tv_distance(logprob, batch["old_logprobs"], batch["behaviour_logprobs"], args.max_ratio)
+    tv = tv_distance(logprob, batch["logprobs"], batch["behaviour_logprobs"], args.max_ratio)
     if args.adapt_lr:
         adapt_learning_rate(optimizer.param_groups[0], tv, args.tv_target, args.adapt_factor)
-    center = capped_ratio(batch["old_logprobs"], batch["behaviour_logprobs"], args.max_ratio)
+    center = capped_ratio(batch["logprobs"], batch["behaviour_logprobs"], args.max_ratio)
     offline = dict(actor_lr=lr, tv=tv, ratio_mean=center.mean().item(),
                    rho_mean=log_rhos.clamp(max=0).exp().mean().item(),
                    capped_frac=(center >= args.max_ratio * (1 - 1e-6)).float().mean().item(),
@@ -899,9 +886,10 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
             s = state_features(h, z)
             with torch.no_grad(), autocast(device):
                 action, logprob, _, _, value = agent.get_action_and_value(s)
-            next_obs, reward, done, _ = envs.step(action.cpu().numpy())
+            action_np = action.cpu().numpy()
+            next_obs, reward, done, _ = envs.step(action_np)
             shaped = shape_reward(reward, done, penalty, scale)
-            dataset.add(obs=obs, actions=action.cpu().numpy(), rewards=shaped, conts=1.0 - done, is_first=is_first,
+            dataset.add(obs=obs, actions=action_np, rewards=shaped, conts=1.0 - done, is_first=is_first,
                         logprobs=logprob.float().cpu().numpy())
             score += reward
             finished += list(score[done])

@@ -538,34 +538,41 @@ class ReturnScale:
         return max(1.0, self.value)
 
 
-def ppo_update(agent, optimizer, return_scale, batch, num_minibatches, args, device):
+def ppo_objective(logprob, mb, advantages, args):
+    """PPO's clipped objective (Eq. 7) as a loss per sample, -min(r A, clip(r, 1 - eps, 1 + eps) A) with
+    r = pi/pi_old, and whether each r lies beyond the clip."""
+    ratio = (logprob - mb["logprobs"]).exp()
+    pg_loss = -torch.min(ratio * advantages, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * advantages)
+    return pg_loss, (ratio - 1).abs() > args.clip_coef
+
+
+def ppo_update(agent, optimizer, return_scale, batch, num_minibatches, args, device, objective=ppo_objective):
     """PPO (Eqs. 6-8) for `update_epochs` iterations over `num_minibatches` minibatches of the flat
-    `batch` (states, actions, logprobs, advantages, targets, weights): each minibatch's advantages are
-    divided by max(1, P) and each sample's loss is weighted."""
-    stats = []
+    `batch` (states, actions, logprobs of pi_old, advantages, targets, weights): each minibatch's advantages
+    are divided by max(1, P), the policy term is `objective` (Eq. 7 unless another is given), and each
+    sample's loss is weighted."""
+    stats, scales = [], []
     for _ in range(args.update_epochs):
         for index in torch.randperm(len(batch["actions"]), device=device).chunk(num_minibatches):
             mb = {k: v[index] for k, v in batch.items()}
-            scale = return_scale.update(mb["targets"])
-            advantages = mb["advantages"] / scale
+            scales.append(return_scale.update(mb["targets"]))
             with autocast(device):
                 _, logprob, entropy, critic_logits, _ = agent.get_action_and_value(mb["states"], mb["actions"])
-            ratio = (logprob - mb["logprobs"]).exp()
-            pg_loss = -torch.min(ratio * advantages, ratio.clamp(1 - args.clip_coef, 1 + args.clip_coef) * advantages)
+            logprob = logprob.float()
+            pg_loss, clipped = objective(logprob, mb, mb["advantages"] / scales[-1], args)
             v_loss = twohot_loss(critic_logits, mb["targets"], agent.bins)
-            w = mb["weights"]
-            loss = (w * (pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy)).sum() / w.sum()
+            w = mb["weights"] / mb["weights"].sum()
+            loss = (w * (pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy)).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
             optimizer.step()
             with torch.no_grad():
-                stats.append(torch.stack([loss, (w * pg_loss).sum() / w.sum(), (w * v_loss).sum() / w.sum(),
-                                          (w * entropy).sum() / w.sum(), ((ratio - 1) - ratio.log()).mean(),
-                                          ((ratio - 1).abs() > args.clip_coef).float().mean(),
-                                          torch.tensor(scale, device=device)]))
-    names = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "return_scale")
-    return dict(zip(names, torch.stack(stats).mean(0).tolist()))
+                log_ratio = logprob - mb["logprobs"]  # pi / pi_old
+                stats.append(torch.stack([loss, (w * pg_loss).sum(), (w * v_loss).sum(), (w * entropy).sum(),
+                                          (log_ratio.exp() - 1 - log_ratio).mean(), clipped.float().mean()]))
+    names = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")
+    return dict(zip(names, torch.stack(stats).mean(0).tolist()), return_scale=float(np.mean(scales)))
 
 
 def train_agent(agent, optimizer, return_scale, traj, gamma, args, device):
@@ -814,9 +821,10 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
             s = state_features(h, z)
             with torch.no_grad(), autocast(device):
                 action, logprob, _, _, value = agent.get_action_and_value(s)
-            next_obs, reward, done, _ = envs.step(action.cpu().numpy())
+            action_np = action.cpu().numpy()
+            next_obs, reward, done, _ = envs.step(action_np)
             shaped = shape_reward(reward, done, penalty, scale)
-            dataset.add(obs=obs, actions=action.cpu().numpy(), rewards=shaped, conts=1.0 - done, is_first=is_first,
+            dataset.add(obs=obs, actions=action_np, rewards=shaped, conts=1.0 - done, is_first=is_first,
                         logprobs=logprob.float().cpu().numpy())
             score += reward
             finished += list(score[done])

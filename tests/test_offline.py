@@ -162,6 +162,19 @@ def test_a_night_update_on_tiny_behaviour_probabilities_stays_finite():
     assert offline_stats["capped_frac"] == pytest.approx(0.75)  # pi_old / mu hits the cap exactly for those
 
 
+
+def test_train_offline_optimizes_the_geppo_objective(monkeypatch):
+    """The night's policy term is GePPO's, on the stored behaviour probabilities, in every minibatch."""
+    args = offline_args()
+    wm, agent = make_models(args)
+    optimizer = offline.actor_critic_optimizer(agent, torch.optim.Adam(agent.parameters()), args.night_lr)
+    traj = real_like_traj(agent, wm.feat_dim, args.horizon, 8, torch.tensor(-2.0))
+    seen, geppo_loss = [], offline.geppo_loss
+    monkeypatch.setattr(offline, "geppo_loss", lambda *a: seen.append(a[2]) or geppo_loss(*a))
+    offline.train_offline(agent, optimizer, dreamer_ppo.ReturnScale(0.99), traj, args, CPU)
+    assert len(seen) == args.update_epochs * min(args.agent_updates, 8 * args.horizon)
+    assert all((mu == -2.0).all() for mu in seen)
+
 # %% adaptive learning rate
 def test_adapt_learning_rate():
     for tv, lr in ((0.3, 1 / 1.03), (0.11, 1 / 1.03), (0.01, 1.03), (0.049, 1.03), (0.07, 1.0), (0.1, 1.0)):
