@@ -2,26 +2,10 @@
 a sequence of blocks opened by a `# %% name` line; a block that two scripts share must be identical."""
 import itertools
 import pathlib
-import re
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tools.sync_blocks import ROOT, VARIANT_BLOCKS, blocks, synced
+
 SCRIPTS = sorted(ROOT.glob("dreamer_ppo*.py"))
-MARK = re.compile(r"^\s*# %% (.+?)\s*$")
-VARIANT_BLOCKS = ("docstring", "transformation args", "transformation")  # what makes each variant itself
-
-
-def blocks(path):
-    """{block name: its lines}; the lines before the first mark are the block 'docstring'."""
-    found, name, lines = {}, "docstring", []
-    for line in pathlib.Path(path).read_text().splitlines():
-        mark = MARK.match(line)
-        if mark:
-            assert mark.group(1) not in found, f"{path}: block {mark.group(1)!r} appears twice"
-            found[name], name, lines = lines, mark.group(1), []
-        else:
-            lines.append(line)
-    found[name] = lines
-    return found
 
 
 def drifted(paths):
@@ -54,3 +38,13 @@ def test_a_drifted_block_is_caught(tmp_path):
     (tmp_path / "dreamer_ppo_fork.py").write_text(changed)
     assert drifted([tmp_path / "dreamer_ppo.py", tmp_path / "dreamer_ppo_fork.py"]) == [
         ("maths", "dreamer_ppo.py", "dreamer_ppo_fork.py")]
+
+
+def test_sync_copies_a_shared_block_and_leaves_the_variant_blocks():
+    base = (ROOT / "dreamer_ppo.py").read_text()
+    variant = (ROOT / "dreamer_ppo_valdiv.py").read_text()
+    edited = base.replace("def symlog(x):\n    return", "def symlog(x):\n    return 2 *", 1)
+    out = synced(edited, variant)
+    assert "def symlog(x):\n    return 2 *" in out
+    assert "def value_diversification" in out and out.startswith('"""ValDreamer')
+    assert synced(base, variant) == variant
