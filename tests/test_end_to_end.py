@@ -1,7 +1,10 @@
 """Bad input, day checkpoints, and whole runs of the script at tiny sizes (TensorBoard curves, day.pt, a
 night-only run from a day checkpoint)."""
 
+import os
 import random
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +12,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dreamer_ppo import (ReplayDataset, ReturnScale, check_args, load_checkpoint, random_initial_states,
-                         replay_path, restore, save_checkpoint)
+from dreamer_ppo import (ReplayDataset, ReturnScale, check_args, claim_run_dir, load_checkpoint,
+                         random_initial_states, replay_path, restore, save_checkpoint)
 from conftest import SIZE_FLAGS, crafted_dataset, finish, make_models, make_optimizers, random_batch, run_script, \
     tiny_args
 
@@ -287,3 +290,43 @@ def test_night_reads_the_replay_only_when_it_needs_real_data(day_runs, tmp_path)
                                         "--night-epochs", "1", "--run-dir", "collected", *SIZE_FLAGS], tmp_path))
     assert code != 0 and "--day-checkpoint" in err and "day_replay.pt" in err and "missing" in err
     assert not (tmp_path / "collected").exists()
+
+
+# %% run directories
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "time", lambda: 1234.5)
+    first, _ = claim_run_dir(tiny_args())
+    second, _ = claim_run_dir(tiny_args())
+    collected, _ = claim_run_dir(tiny_args(init_states="collected"))
+    assert first == "runs/coinrun__dreamer_ppo__1__1234"
+    assert second == "runs/coinrun__dreamer_ppo__1__1234_2"
+    assert collected == "runs/coinrun__dreamer_ppo_collected__1__1234"
+
+
+@pytest.mark.parametrize("setup, words", [
+    (lambda d: (d / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}"), ["in use", "process"]),
+    (lambda d: (d / "events.out.tfevents.1.host").write_bytes(b""), ["already holds", "events"]),
+])
+def test_a_run_directory_in_use_or_holding_events_is_refused(tmp_path, setup, words):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    setup(run_dir)
+    with pytest.raises(SystemExit) as e:
+        claim_run_dir(tiny_args(run_dir=str(run_dir)))
+    assert "--run-dir" in str(e.value) and str(run_dir) in str(e.value)
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+    (tmp_path / ".lock").write_text(f"{socket.gethostname()} 999999999")  # no such process
+    path, lock = claim_run_dir(tiny_args(run_dir=str(tmp_path)))
+    assert path == str(tmp_path) and open(lock).read().split()[1] == str(os.getpid())
+
+
+def test_an_unwritable_run_directory_fails_the_script_at_once(tmp_path):
+    (tmp_path / "file").write_text("")
+    code, out, err = finish(run_script(["--run-dir", str(tmp_path / "file" / "run"), *SIZE_FLAGS], tmp_path), 120)
+    assert code != 0 and "--run-dir" in err and "file/run" in err and "writable" in err
+    assert "day 1/" not in out
