@@ -47,6 +47,8 @@ def test_check_args_accepts_tiny_sizes(tmp_path):
     (["--init-states", "foo"], ["--init-states", "random", "collected"]),
     (["--env-id", "pong"], ["--env-id", "coinrun", "starpilot"]),
     (["--wm-batch-size", "0"], ["--wm-batch-size"]),
+    (["--seed", "-1"], ["--seed", "[0, 2^31)"]),
+    (["--seq-len", "5000"], ["--seq-len", "--day-steps / --num-envs = 1000"]),
 ])
 def test_script_fails_fast_on_bad_flags(tmp_path, flags, words):
     code, out, err = finish(run_script(flags, tmp_path), timeout=120)
@@ -143,6 +145,8 @@ def test_checkpoint_stores_frames_as_raw_bytes(tmp_path):
     (dict(rnn_units=64), "--rnn-units"),
     (dict(env_id="starpilot"), "--env-id"),
     (dict(num_envs=5, day_steps=100), "--num-envs"),
+    (dict(penalty=0.0), "--penalty -10.0 (here 0.0)"),  # the day's replay holds rewards shaped with -10
+    (dict(reward_scale=2.0), "--reward-scale 1.0 (here 2.0)"),
 ])
 def test_load_checkpoint_refuses_other_settings(tmp_path, changes, flag):
     args = tiny_args()
@@ -153,8 +157,9 @@ def test_load_checkpoint_refuses_other_settings(tmp_path, changes, flag):
         load_checkpoint(str(path), tiny_args(**changes))
     message = str(e.value)
     assert "--day-checkpoint" in message and flag in message
-    # a checkpoint with the same sizes loads (other flags may differ)
-    assert load_checkpoint(str(path), tiny_args(night_epochs=7, horizon=3))["progress"] == dict(step=1)
+    # a checkpoint with the same sizes and shaping loads (other flags may differ; a flag that gives the value the
+    # day resolved is the same shaping)
+    assert load_checkpoint(str(path), tiny_args(night_epochs=7, horizon=3, penalty=-10.0))["progress"] == dict(step=1)
 
 
 def test_load_checkpoint_refuses_other_files(tmp_path):
