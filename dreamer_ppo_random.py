@@ -8,38 +8,51 @@ Where the paper is terse, the choices made (and why) are listed in CHOICES.md, b
 
 # %% imports
 import glob
+import importlib.util
 import itertools
 import math
+import netrc
 import os
 import random
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
-from typing import Literal, Optional
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
-from procgen import ProcgenEnv
-from torch.utils.tensorboard import SummaryWriter
+
+try:  # gym's __init__ (imported by procgen) prints gym_notices' "Gym has been unmaintained" banner: drop only it
+    import gym_notices.notices
+
+    gym_notices.notices.notices.clear()
+except ImportError:
+    pass
+from procgen import ProcgenEnv  # noqa: E402
+from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 
 # %% args
+PROCGEN_GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
+                 "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
+
+
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (the script's name)"""
     seed: int = 1
-    """seed of the experiment"""
+    """seed of the experiment, in [0, 2^31)"""
     torch_deterministic: bool = True
     """`torch.backends.cudnn.deterministic`"""
     cuda: bool = True
     """use CUDA when there is a GPU, with bf16 autocast (the paper's mixed precision); CPU otherwise"""
     track: bool = False
-    """mirror TensorBoard to Weights & Biases (needs `pip install wandb`)"""
+    """mirror TensorBoard to Weights & Biases (`pip install -e ".[wandb]"`; `wandb login` or WANDB_MODE=offline)"""
     wandb_project_name: str = "dreamer-ppo"
     """the Weights & Biases project"""
     wandb_entity: Optional[str] = None
@@ -50,12 +63,12 @@ class Args:
     a run's events, or that a running run is using, is refused"""
     save_day: bool = False
     """write the state at the end of the day to {run_dir}/day.pt (models, optimizers, RNG) and
-    {run_dir}/day_replay.pt (the real data: 12.3 GB at the paper's size)"""
+    {run_dir}/day_replay.pt (the real data: 12.3 GB at the paper's size); not with --day-checkpoint (no day is run)"""
     day_checkpoint: Optional[str] = None
     """start from a day checkpoint written by any dreamer_ppo*.py script and run only the night"""
 
     # Environment (Section 5.1, Table 2)
-    env_id: str = "coinrun"
+    env_id: Literal[PROCGEN_GAMES] = "coinrun"
     """the ProcGen game (easy mode)"""
     num_levels: int = 200
     """N: training levels; tests use the full distribution (Section 5.1)"""
@@ -63,10 +76,12 @@ class Args:
     """parallelized environments (Table 2)"""
     test_repetitions: int = 5
     """test repetition (Table 2): each evaluation plays num_envs x test_repetitions test episodes"""
-    penalty: Optional[float] = None
-    """penalty for non-successful episodes (Table 2): -10 for coinrun and caveflyer, 0 otherwise"""
-    reward_scale: Optional[float] = None
-    """reward scaling factor (Table 2): 25 for chaser, 1 otherwise"""
+    penalty: Annotated[Optional[float], tyro.conf.arg(
+        metavar="FLOAT", help_behavior_hint="(default: -10 on coinrun and caveflyer, 0 on the other games)")] = None
+    """penalty for non-successful episodes (Table 2), 0 or below; the paper's -10 stalls small runs: use 0 there"""
+    reward_scale: Annotated[Optional[float], tyro.conf.arg(
+        metavar="FLOAT", help_behavior_hint="(default: 25 on chaser, 1 on the other games)")] = None
+    """reward scaling factor (Table 2), positive"""
 
     # Algorithm 1 (Table 2)
     seed_episodes: int = 5
@@ -88,11 +103,11 @@ class Args:
     agent_updates: int = 26
     """U_a: update steps per night epoch (PPO minibatches per iteration, by day too)"""
     agent_batch_size: int = 12
-    """B_a: agent batch size (dreams per minibatch)"""
+    """B_a: agent batch size (dreams per minibatch; real sequences in the Offline script)"""
     horizon: int = 16
     """H: imagination horizon; the night's gamma is 1 - 1/H (Table 1)"""
     init_states: Literal["random", "collected"] = "random"
-    """initial dream states: random (Eq. 2) or posterior states of collected data (Figure 3)"""
+    """initial dream states: random (Eq. 2) or posterior states of collected data (Figure 3); Offline: no dreams"""
     burn_in: int = 25
     """steps filtered only to warm up (h, z) before a real state is used by night: collected initial states
     and the Offline night's sequences start past this many real steps (not in the paper; = L, so the states
@@ -102,7 +117,7 @@ class Args:
     not in the paper); --no-eval-train-levels saves that time"""
     dream_images_every: int = 10
     """log decoded dream states before and after their transformation every this many night epochs
-    (Figure 2, for one's own runs); 0 never"""
+    (Figure 2, for one's own runs); 0 never; the Offline script has no dreams and ignores it"""
 
     # Networks (Table 1)
     categoricals: int = 32
@@ -118,11 +133,11 @@ class Args:
     mlp_layers: int = 2
     """MLP layers"""
     bins: int = 255
-    """K: reward/return bins"""
+    """K: reward/return bins, 2 or more"""
     bins_extreme: float = 20.0
     """bins extremes -20, +20 (in symlog space)"""
     unimix: float = 0.01
-    """uniform share of the categorical latents (DreamerV3)"""
+    """uniform share of the categorical latents (DreamerV3), in [0, 1)"""
     free_nats: float = 1.0
     """free bits: the KL terms are clipped below at this many nats (Section 3.1)"""
     beta_dyn: float = 0.5
@@ -160,13 +175,16 @@ class Args:
 
 
 # %% checks
-
-PROCGEN_GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
-                 "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
 POSITIVE_FLAGS = ("num_levels", "num_envs", "test_repetitions", "seed_episodes", "day_epochs", "wm_updates",
                   "day_steps", "wm_batch_size", "seq_len", "agent_updates", "agent_batch_size", "horizon",
                   "categoricals", "classes", "rnn_units", "cnn_depth", "mlp_units", "mlp_layers", "bins",
                   "update_epochs")
+# The interval each real-valued flag must lie in (NaN lies in none); a flag left at None takes its game's value.
+INTERVALS = dict(penalty="(-inf, 0]", reward_scale="(0, inf)", reward_seq_fraction="[0, 1]", unimix="[0, 1)",
+                 bins_extreme="(0, inf)", free_nats="[0, inf)", beta_dyn="[0, inf)", beta_rep="[0, inf)",
+                 wm_grad_clip="(0, inf)", day_lr="(0, inf)", night_lr="(0, inf)", day_gamma="(0, 1]",
+                 gae_lambda="[0, 1]", clip_coef="(0, 1)", vf_coef="[0, inf)", ent_coef="[0, inf)",
+                 max_grad_norm="(0, inf)", return_scale_decay="[0, 1)")
 # The fields that fix the shape of a day checkpoint: a night can only start from a day that agrees on them.
 DAY_FIELDS = ("env_id", "num_envs", "categoricals", "classes", "rnn_units", "cnn_depth", "mlp_units",
               "mlp_layers", "bins", "bins_extreme")
@@ -174,6 +192,24 @@ DAY_FIELDS = ("env_id", "num_envs", "categoricals", "classes", "rnn_units", "cnn
 
 def fail(flag, message):
     raise SystemExit(f"error: {flag}: {message}")
+
+
+def in_interval(x, interval):
+    """Whether x lies in an interval written as "[0, 1)", "(0, inf)", ..."""
+    low, high = (float(bound) for bound in interval[1:-1].split(", "))
+    return (low <= x if interval[0] == "[" else low < x) and (x <= high if interval[-1] == "]" else x < high)
+
+
+def wandb_can_log():
+    """Whether wandb can start without asking for a key, found without the network: WANDB_API_KEY, an offline
+    or disabled WANDB_MODE, or the netrc entry for api.wandb.ai that `wandb login` writes."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return True
+    try:
+        return netrc.netrc(os.environ.get("NETRC") or os.path.expanduser("~/.netrc")).authenticators("api.wandb.ai") \
+            is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def check_args(args):
@@ -186,16 +222,40 @@ def check_args(args):
     for name in ("night_epochs", "dream_images_every", "burn_in"):
         if getattr(args, name) < 0:
             fail("--" + name.replace("_", "-"), f"must be 0 or more, got {getattr(args, name)}")
+    for name, interval in INTERVALS.items():
+        if getattr(args, name) is not None and not in_interval(getattr(args, name), interval):
+            fail("--" + name.replace("_", "-"), f"must lie in {interval}, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**31:
+        fail("--seed", f"must lie in [0, 2^31) (ProcGen's seeds), got {args.seed}")
+    if args.bins < 2:
+        fail("--bins", f"must be 2 or more (a two-hot target spreads over two neighbouring bins), got {args.bins}")
     if args.seq_len < 2:
         fail("--seq-len", f"must be 2 or more (a sequence needs a transition), got {args.seq_len}")
     if args.day_steps % args.num_envs:
         fail("--day-steps", f"must be a multiple of --num-envs ({args.num_envs}), got {args.day_steps}")
-    if not 0.0 <= args.reward_seq_fraction <= 1.0:
-        fail("--reward-seq-fraction", f"must lie in [0, 1], got {args.reward_seq_fraction}")
+    # Each environment adds T_d / N steps per day epoch: the replay holds a sequence of L steps only once every
+    # environment has played L steps, and before the first epoch it holds just the seed episodes.
+    if args.seq_len > args.day_steps // args.num_envs:
+        fail("--seq-len", f"must be at most --day-steps / --num-envs = {args.day_steps // args.num_envs} (the steps "
+                          f"each environment adds in a day epoch), got {args.seq_len}: a longer sequence would first "
+                          f"take {args.seq_len} random steps in each environment before any learning")
+    if args.wm_batch_size * args.seq_len > args.day_steps:
+        fail("--wm-batch-size", f"a world batch of --wm-batch-size x --seq-len = {args.wm_batch_size} x {args.seq_len} "
+                                f"= {args.wm_batch_size * args.seq_len} frames must fit in the {args.day_steps} real "
+                                f"frames of a day epoch (--day-steps): the first epoch's updates draw from the seed "
+                                f"episodes alone, so a larger batch draws the same frames over and over; lower "
+                                f"--wm-batch-size or --seq-len, or raise --day-steps")
     if args.init_states not in ("random", "collected"):
         fail("--init-states", f"must be 'random' or 'collected', got {args.init_states!r}")
     if args.day_checkpoint is not None and not os.path.isfile(args.day_checkpoint):
         fail("--day-checkpoint", f"no file at {args.day_checkpoint!r}")
+    if args.day_checkpoint is not None and args.save_day:
+        fail("--save-day", f"there is no day to save: the night starts from --day-checkpoint {args.day_checkpoint}")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        fail("--track", 'needs wandb, which is not installed: pip install -e ".[wandb]"')
+    if args.track and not wandb_can_log():
+        fail("--track", "found no Weights & Biases key: run `wandb login` (or set WANDB_API_KEY), or log locally "
+                        "with WANDB_MODE=offline")
     check_transformation_args(args)
 
 
@@ -774,7 +834,12 @@ def evaluations(wm, agent, args, step, device):
 # %% checkpoint
 def atomic_save(obj, path):
     """torch.save to a temporary file beside `path`, then a rename: a crash while writing leaves no broken file."""
-    torch.save(obj, f"{path}.tmp")
+    try:
+        torch.save(obj, f"{path}.tmp")
+    except BaseException:  # Ctrl-C or a full disk: no half-written file is left behind
+        if os.path.exists(f"{path}.tmp"):
+            os.remove(f"{path}.tmp")
+        raise
     os.replace(f"{path}.tmp", path)
 
 
@@ -795,7 +860,8 @@ def save_checkpoint(path, wm, agent, wm_optimizer, agent_optimizer, return_scale
 
 
 def load_checkpoint(path, args):
-    """Read a day checkpoint and refuse one made with other sizes or another game."""
+    """Read a day checkpoint and refuse one made with other sizes, another game, or another reward shaping (its
+    replay holds rewards shaped by the day's penalty and scale)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         saved = ckpt["args"]
@@ -803,6 +869,9 @@ def load_checkpoint(path, args):
         fail("--day-checkpoint", f"{path!r} is not a day checkpoint of these scripts ({e})")
     wrong = [f"--{k.replace('_', '-')} {saved.get(k)!r} (here {getattr(args, k)!r})"
              for k in DAY_FIELDS if saved.get(k) != getattr(args, k)]
+    day_shaping = reward_shaping(replace(args, **{k: saved.get(k) for k in ("env_id", "penalty", "reward_scale")}))
+    wrong += [f"{flag} {was} (here {now})" for flag, was, now in
+              zip(("--penalty", "--reward-scale"), day_shaping, reward_shaping(args)) if was != now]
     if wrong:
         fail("--day-checkpoint", f"{path!r} was made with other settings; run with: " + ", ".join(wrong))
     if needs_replay(args) and not os.path.isfile(replay_path(path)):
@@ -833,27 +902,55 @@ def restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, datase
 class Logger:
     """TensorBoard scalars and a line of progress per epoch in the terminal."""
 
+    latest = None  # the Logger of the run in this process, for the line printed on Ctrl-C
+
     def __init__(self, run_dir, args, total_epochs):
+        penalty, reward_scale = reward_shaping(args)
+        params = dict(vars(args), penalty=penalty, reward_scale=reward_scale)  # the values in use, not None
         if args.track:
             import wandb
 
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=vars(args), name=os.path.basename(run_dir), save_code=True)
+                       config=params, name=os.path.basename(run_dir), save_code=True)
         self.writer = SummaryWriter(run_dir)
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-            f"|{k}|{v}|" for k, v in vars(args).items()))
+            f"|{k}|{v}|" for k, v in params.items()))
         self.start, self.epochs_done, self.total_epochs = time.time(), 0, total_epochs
+        self.last, self.seconds = self.start, {}  # the time of the last line; each phase's epoch durations
+        Logger.latest = self
 
     def scalars(self, family, values, step):
         for key, value in values.items():
             self.writer.add_scalar(f"{family}/{key}", value, step)
 
     def progress(self, phase, epoch, epochs, step, text):
+        """Print an epoch's line, with the time left in this phase from this phase's own mean epoch (without its
+        first epoch once there are others: the first carries the seed episodes, a checkpoint, the warm-up)."""
+        now = time.time()
+        seconds = self.seconds.setdefault(phase, [])
+        seconds.append(now - self.last)
+        self.last = now
         self.epochs_done += 1
-        elapsed = time.time() - self.start
-        left = elapsed / self.epochs_done * (self.total_epochs - self.epochs_done)
-        print(f"[{phase} {epoch}/{epochs}] step {step:,} {text} | {elapsed / 60:.1f} min, about {left / 60:.1f} "
-              f"min left", flush=True)
+        timed = seconds[1:] or seconds
+        left = sum(timed) / len(timed) * (epochs - epoch)
+        later = self.total_epochs - self.epochs_done - (epochs - epoch)  # the epochs of the phases to come
+        eta = (f"about {left / 60:.1f} min left in the {phase}, then {later} night epochs (not timed yet)" if later
+               else f"about {left / 60:.1f} min left")
+        print(f"[{phase} {epoch}/{epochs}] step {step:,} {text} | {(now - self.start) / 60:.1f} min, {eta}",
+              flush=True)
+
+    @staticmethod
+    def interrupted():
+        """The line for Ctrl-C: what the run has saved (nothing, or the day checkpoint), its events closed."""
+        log = Logger.latest
+        if log is None:
+            return "interrupted before the run started: nothing saved"
+        log.writer.close()
+        run_dir = log.writer.log_dir
+        checkpoint = os.path.join(run_dir, "day.pt")
+        if not os.path.exists(checkpoint):  # written whole or not at all (`atomic_save`)
+            return f"interrupted: no day checkpoint saved; the TensorBoard events so far are in {run_dir}"
+        return f"interrupted: the day checkpoint is saved, start the night with --day-checkpoint {checkpoint}"
 
 
 # %% day
@@ -1066,4 +1163,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    cli_args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+    try:
+        main(cli_args)
+    except KeyboardInterrupt:
+        print(Logger.interrupted(), file=sys.stderr, flush=True)
+        sys.exit(130)

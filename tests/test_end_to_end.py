@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dreamer_ppo import (ReplayDataset, ReturnScale, check_args, claim_run_dir, load_checkpoint,
+from dreamer_ppo import (ReplayDataset, ReturnScale, atomic_save, check_args, claim_run_dir, load_checkpoint,
                          random_initial_states, replay_path, restore, save_checkpoint)
 from conftest import SIZE_FLAGS, crafted_dataset, finish, make_models, make_optimizers, random_batch, run_script, \
     tiny_args
@@ -50,6 +50,8 @@ def test_check_args_accepts_tiny_sizes(tmp_path):
     (["--init-states", "foo"], ["--init-states", "random", "collected"]),
     (["--env-id", "pong"], ["--env-id", "coinrun", "starpilot"]),
     (["--wm-batch-size", "0"], ["--wm-batch-size"]),
+    (["--seed", "-1"], ["--seed", "[0, 2^31)"]),
+    (["--seq-len", "5000"], ["--seq-len", "--day-steps / --num-envs = 1000"]),
 ])
 def test_script_fails_fast_on_bad_flags(tmp_path, flags, words):
     code, out, err = finish(run_script(flags, tmp_path), timeout=120)
@@ -150,6 +152,8 @@ def test_checkpoint_stores_frames_as_raw_bytes(tmp_path):
     (dict(rnn_units=64), "--rnn-units"),
     (dict(env_id="starpilot"), "--env-id"),
     (dict(num_envs=5, day_steps=100), "--num-envs"),
+    (dict(penalty=0.0), "--penalty -10.0 (here 0.0)"),  # the day's replay holds rewards shaped with -10
+    (dict(reward_scale=2.0), "--reward-scale 1.0 (here 2.0)"),
 ])
 def test_load_checkpoint_refuses_other_settings(tmp_path, changes, flag):
     args = tiny_args()
@@ -160,8 +164,9 @@ def test_load_checkpoint_refuses_other_settings(tmp_path, changes, flag):
         load_checkpoint(str(path), tiny_args(**changes))
     message = str(e.value)
     assert "--day-checkpoint" in message and flag in message
-    # a checkpoint with the same sizes loads (other flags may differ)
-    assert load_checkpoint(str(path), tiny_args(night_epochs=7, horizon=3))["progress"] == dict(step=1)
+    # a checkpoint with the same sizes and shaping loads (other flags may differ; a flag that gives the value the
+    # day resolved is the same shaping)
+    assert load_checkpoint(str(path), tiny_args(night_epochs=7, horizon=3, penalty=-10.0))["progress"] == dict(step=1)
 
 
 def test_load_checkpoint_refuses_other_files(tmp_path):
@@ -330,3 +335,16 @@ def test_an_unwritable_run_directory_fails_the_script_at_once(tmp_path):
     code, out, err = finish(run_script(["--run-dir", str(tmp_path / "file" / "run"), *SIZE_FLAGS], tmp_path), 120)
     assert code != 0 and "--run-dir" in err and "file/run" in err and "writable" in err
     assert "day 1/" not in out
+
+
+def test_a_checkpoint_interrupted_while_writing_leaves_no_file(tmp_path, monkeypatch):
+    """Ctrl-C (or a full disk) in the middle of torch.save: neither the checkpoint nor a half-written temporary
+    file is left, so an interrupted run never looks as if it had saved its day."""
+    def interrupted_save(obj, path):
+        Path(path).write_bytes(b"PK\x03\x04 half of a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save(dict(a=1), tmp_path / "day.pt")
+    assert list(tmp_path.iterdir()) == []

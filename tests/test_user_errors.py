@@ -1,0 +1,239 @@
+"""What a new user meets first: the install claim, the README's quick start, bad flags refused before any work
+with the flag and what is allowed, `--help`, the progress line's time left, and Ctrl-C."""
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tomllib
+from types import SimpleNamespace
+
+import pytest
+import torch
+import tyro
+from packaging.specifiers import SpecifierSet
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import dreamer_ppo
+from conftest import SCRIPT, SIZE_FLAGS, TINY, finish, run_script, tiny_args
+
+ROOT = SCRIPT.parent
+SCRIPTS = sorted(p.name for p in ROOT.glob("dreamer_ppo*.py"))
+
+
+def quick_start():
+    """The README's Quick start section."""
+    readme = (ROOT / "README.md").read_text()
+    return readme[readme.index("## Quick start"): readme.index("\n## ", readme.index("## Quick start") + 1)]
+
+
+# %% install
+def test_requires_python_admits_the_versions_procgen_has_wheels_for():
+    # procgen-mirror 0.10.7 has wheels for CPython 3.11 and 3.12 only (pip download --python-version 3.X
+    # --only-binary=:all: finds none for 3.9, 3.10, 3.13, 3.14, and there is no source distribution).
+    spec = SpecifierSet(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"])
+    assert [minor for minor in range(6, 20) if f"3.{minor}.0" in spec] == [11, 12]
+    assert platform.python_version() in spec  # the interpreter running the tests is one the claim admits
+    text = quick_start()
+    assert "Python 3.11 or 3.12" in text and "3.10" not in text
+
+
+def test_quick_start_follows_the_readmes_own_advice():
+    text = quick_start()
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in text
+    command = re.search(r"OMP_NUM_THREADS=1 python dreamer_ppo\.py (.*?)\n\n", text.replace("\\\n", " "), re.S)
+    assert command, "the quick start runs dreamer_ppo.py with OMP_NUM_THREADS=1"
+    flags = command.group(1).split()
+    assert flags[flags.index("--penalty") + 1] == "0"
+    dreamer_ppo.check_args(tyro.cli(dreamer_ppo.Args, args=flags))
+    assert "OMP_NUM_THREADS=1 python -m pytest" in text
+
+
+# %% bad input
+def script_args(module, **changes):
+    """module.Args at tiny sizes, with `changes` on top."""
+    return dataclasses.replace(importlib.import_module(module).Args(), **{**TINY, **changes})
+
+
+@pytest.mark.parametrize("module, changes, flag, words", [
+    ("dreamer_ppo", dict(night_lr=-1.0), "--night-lr", ["(0, inf)", "-1.0"]),
+    ("dreamer_ppo", dict(day_lr=0.0), "--day-lr", ["(0, inf)", "0.0"]),
+    ("dreamer_ppo", dict(penalty=10.0), "--penalty", ["(-inf, 0]", "10.0"]),
+    ("dreamer_ppo", dict(reward_scale=0.0), "--reward-scale", ["(0, inf)"]),
+    ("dreamer_ppo", dict(unimix=2.0), "--unimix", ["[0, 1)", "2.0"]),
+    ("dreamer_ppo", dict(unimix=1.0), "--unimix", ["[0, 1)"]),
+    ("dreamer_ppo", dict(bins=1), "--bins", ["2 or more", "1"]),
+    ("dreamer_ppo", dict(seed=-1), "--seed", ["[0, 2^31)", "-1"]),
+    ("dreamer_ppo", dict(seed=2**31), "--seed", ["[0, 2^31)"]),
+    ("dreamer_ppo", dict(clip_coef=1.5), "--clip-coef", ["(0, 1)"]),
+    ("dreamer_ppo", dict(day_gamma=float("nan")), "--day-gamma", ["(0, 1]", "nan"]),
+    ("dreamer_ppo", dict(gae_lambda=1.5), "--gae-lambda", ["[0, 1]"]),
+    ("dreamer_ppo", dict(seq_len=5000), "--seq-len", ["--day-steps / --num-envs = 25", "5000"]),
+    ("dreamer_ppo", dict(wm_batch_size=5000), "--wm-batch-size", ["--seq-len", "40000", "--day-steps"]),
+    ("dreamer_ppo", dict(save_day=True, day_checkpoint=__file__), "--save-day", ["--day-checkpoint"]),
+    ("dreamer_ppo_offline", dict(init_states="collected"), "--init-states", ["no dreams", "'collected'"]),
+    ("dreamer_ppo_offline", dict(horizon=25, burn_in=25), "--horizon", ["--burn-in + H + 1 = 51", "--day-epochs 2",
+                                                          "gives each environment 50"]),
+])
+def test_check_args_refuses_bad_input(module, changes, flag, words):
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(module).check_args(script_args(module, **changes))
+    message = str(e.value)
+    assert message.startswith(f"error: {flag}: ")
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize("module, changes", [
+    ("dreamer_ppo", dict(penalty=0.0, reward_scale=0.5, unimix=0.0, bins=2, seed=0, clip_coef=0.5, day_gamma=1.0)),
+    ("dreamer_ppo", dict(seq_len=25, wm_batch_size=4)),  # 25 steps per environment and epoch; 100 frames
+    ("dreamer_ppo", dict(seq_len=10, wm_batch_size=10)),
+    ("dreamer_ppo_offline", dict(horizon=24, burn_in=25)),  # 50 steps per environment by day: 25 + 24 + 1
+    ("dreamer_ppo_offline", dict(horizon=50, day_checkpoint=__file__)),  # the checkpoint's day: checked at night
+])
+def test_check_args_accepts_the_edges(module, changes):
+    importlib.import_module(module).check_args(script_args(module, **changes))
+
+
+@pytest.mark.parametrize("module", ["dreamer_ppo", "dreamer_ppo_offline"])
+def test_check_args_accepts_the_paper_protocol(module):
+    importlib.import_module(module).check_args(importlib.import_module(module).Args())
+
+
+@pytest.mark.parametrize("installed, env, netrc, refusal", [
+    (False, dict(WANDB_API_KEY="k"), "", 'pip install -e ".[wandb]"'),
+    (True, {}, "", "wandb login"),
+    (True, {}, "machine example.com login me password k\n", "WANDB_MODE=offline"),
+    (True, dict(WANDB_MODE="online"), "", "wandb login"),
+    (True, dict(WANDB_API_KEY="k"), "", None),
+    (True, dict(WANDB_MODE="offline"), "", None),
+    (True, dict(WANDB_MODE="disabled"), "", None),
+    (True, {}, "machine api.wandb.ai login user password k\n", None),
+])
+def test_track_needs_wandb_and_a_key(monkeypatch, tmp_path, installed, env, netrc, refusal):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if installed else None) if name == "wandb" else find_spec(name, *a))
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    (tmp_path / "netrc").write_text(netrc)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if refusal is None:
+        dreamer_ppo.check_args(tiny_args(track=True))
+        return
+    with pytest.raises(SystemExit) as e:
+        dreamer_ppo.check_args(tiny_args(track=True))
+    assert str(e.value).startswith("error: --track: ") and refusal in str(e.value)
+
+
+# %% --help and the terminal
+def script_output(script, *argv):
+    proc = subprocess.run([sys.executable, str(ROOT / script), *argv], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1"})
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_says_what_the_script_is_and_what_each_game_gets(script):
+    code, out, err = script_output(script, "--help")
+    assert code == 0, err
+    assert "unmaintained" not in out + err  # gym's banner
+    doc = importlib.import_module(script[:-3]).__doc__
+    first_line = " ".join(doc.split("\n\n")[0].split()[:8])
+    assert first_line in " ".join(out.split()[:40]), out[:500]  # after tyro's usage line
+    penalty = out[out.index("--penalty"): out.index("--reward-scale")]
+    scale = out[out.index("--reward-scale"): out.index("--seed-episodes")]
+    assert "-10 on coinrun and caveflyer, 0 on the other games" in penalty and "None" not in penalty
+    assert "25 on chaser, 1 on the other games" in scale and "None" not in scale
+    assert "--env-id {" + ",".join(dreamer_ppo.PROCGEN_GAMES) + "}" in out
+    if script == "dreamer_ppo_offline.py":
+        assert "ignores --dream-images-every and refuses --init-states collected" in " ".join(out.split())
+
+
+def test_gym_banner_is_silenced_but_not_other_warnings():
+    # procgen 0.10.7 leaves a file open at import: with ResourceWarnings shown, that warning must still appear.
+    proc = subprocess.run([sys.executable, "-W", "always::ResourceWarning", "-c", "import dreamer_ppo"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "ResourceWarning" in proc.stderr and "procgen" in proc.stderr
+    assert "unmaintained" not in proc.stderr
+
+
+@pytest.mark.parametrize("env_id, penalty, logged", [
+    ("coinrun", None, ("|penalty|-10.0|", "|reward_scale|1.0|")),
+    ("chaser", None, ("|penalty|0.0|", "|reward_scale|25.0|")),
+    ("coinrun", 0.0, ("|penalty|0.0|", "|reward_scale|1.0|")),
+])
+def test_hyperparameters_log_the_resolved_shaping(monkeypatch, tmp_path, env_id, penalty, logged):
+    monkeypatch.chdir(tmp_path)
+    log = dreamer_ppo.Logger("runs/run", tiny_args(env_id=env_id, penalty=penalty), 4)
+    log.writer.close()
+    acc = EventAccumulator(str(tmp_path / "runs" / "run"), size_guidance={"tensors": 0})
+    acc.Reload()
+    text = acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+    for row in logged:
+        assert row in text
+
+
+def test_time_left_is_estimated_per_phase(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    clock = iter([0.0, 100.0, 130.0, 160.0, 178.0, 184.0, 190.0])  # start, 3 day epochs, 3 night epochs
+    monkeypatch.setattr(dreamer_ppo, "time", SimpleNamespace(time=lambda: next(clock)))
+    log = dreamer_ppo.Logger("run", tiny_args(), total_epochs=6)
+    for phase, epoch in (("day", 1), ("day", 2), ("day", 3), ("night", 1), ("night", 2), ("night", 3)):
+        log.progress(phase, epoch, 3, 0, "")
+    log.writer.close()
+    lines = [line.split(" | ")[1] for line in capsys.readouterr().out.splitlines()]
+    assert lines == [
+        "1.7 min, about 3.3 min left in the day, then 3 night epochs (not timed yet)",  # 2 x 100 s
+        "2.2 min, about 0.5 min left in the day, then 3 night epochs (not timed yet)",  # the first epoch left out
+        "2.7 min, about 0.0 min left in the day, then 3 night epochs (not timed yet)",
+        "3.0 min, about 0.6 min left",  # 2 x 18 s: the night's own epochs, not the day's
+        "3.1 min, about 0.1 min left",
+        "3.2 min, about 0.0 min left",
+    ]
+
+
+@pytest.mark.parametrize("contents, words", [
+    (None, "no day checkpoint saved; the TensorBoard events so far are in runs"),
+    ("torch", "the day checkpoint is saved, start the night with --day-checkpoint runs"),
+])
+def test_interrupted_says_what_was_saved(monkeypatch, tmp_path, contents, words):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dreamer_ppo.Logger, "latest", None)
+    assert dreamer_ppo.Logger.interrupted() == "interrupted before the run started: nothing saved"
+    dreamer_ppo.Logger("runs/run", tiny_args(), 4)
+    if contents == "torch":
+        torch.save(dict(progress=1), tmp_path / "runs" / "run" / "day.pt")
+    elif contents is not None:
+        (tmp_path / "runs" / "run" / "day.pt").write_bytes(contents)
+    assert words in dreamer_ppo.Logger.interrupted()
+
+
+@pytest.mark.parametrize("flags, wait_for, saved", [
+    (["--day-epochs", "50"], "[day 1/50]", "no day checkpoint saved"),
+    (["--day-epochs", "1", "--night-epochs", "50", "--save-day"], "day checkpoint: ", "--day-checkpoint runs/"),
+])
+def test_ctrl_c_ends_with_one_line_and_code_130(tmp_path, flags, wait_for, saved):
+    proc = run_script([*flags, *SIZE_FLAGS], tmp_path)
+    for line in proc.stdout:
+        if line.startswith(wait_for):
+            break
+    else:
+        pytest.fail(f"the run ended before {wait_for!r}: {finish(proc)}")
+    proc.send_signal(signal.SIGINT)
+    code, _, err = finish(proc, timeout=120)
+    assert code == 130
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted") and saved in last, err[-2000:]
+    if "--save-day" in flags:
+        assert (tmp_path / last.split("--day-checkpoint ")[1]).is_file()
