@@ -6,9 +6,12 @@ Usage: python dreamer_ppo_random.py --env-id coinrun --seed 1
 """
 
 # %% imports
+import glob
+import itertools
 import math
 import os
 import random
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -40,8 +43,13 @@ class Args:
     """the Weights & Biases project"""
     wandb_entity: Optional[str] = None
     """the Weights & Biases entity (team)"""
+    run_dir: Optional[str] = None
+    """where the run writes (TensorBoard events, and day.pt with --save-day); default
+    runs/{env_id}__{exp_name}[_collected][_night]__{seed}__{time}, made unique. A directory that already holds
+    a run's events, or that a running run is using, is refused"""
     save_day: bool = False
-    """write the state at the end of the day to runs/{run}/day.pt"""
+    """write the state at the end of the day to {run_dir}/day.pt (models, optimizers, RNG) and
+    {run_dir}/day_replay.pt (the real data: 12.3 GB at the paper's size)"""
     day_checkpoint: Optional[str] = None
     """start from a day checkpoint written by any dreamer_ppo*.py script and run only the night"""
 
@@ -84,6 +92,13 @@ class Args:
     """H: imagination horizon; the night's gamma is 1 - 1/H (Table 1)"""
     init_states: Literal["random", "collected"] = "random"
     """initial dream states: random (Eq. 2) or posterior states of collected data (Figure 3)"""
+    burn_in: int = 25
+    """steps filtered only to warm up (h, z) before a real state is used by night: collected initial states
+    and the Offline night's sequences start past this many real steps (not in the paper; = L, so the states
+    carry at least the memory of those the world model learned from)"""
+    eval_train_levels: bool = True
+    """also evaluate on the N training levels every epoch (charts/train_levels_return, the generalization gap;
+    not in the paper); --no-eval-train-levels saves that time"""
     dream_images_every: int = 10
     """log decoded dream states before and after their transformation every this many night epochs
     (Figure 2, for one's own runs); 0 never"""
@@ -167,7 +182,7 @@ def check_args(args):
     for name in POSITIVE_FLAGS:
         if getattr(args, name) <= 0:
             fail("--" + name.replace("_", "-"), f"must be a positive integer, got {getattr(args, name)}")
-    for name in ("night_epochs", "dream_images_every"):
+    for name in ("night_epochs", "dream_images_every", "burn_in"):
         if getattr(args, name) < 0:
             fail("--" + name.replace("_", "-"), f"must be 0 or more, got {getattr(args, name)}")
     if args.seq_len < 2:
@@ -322,6 +337,23 @@ class ConvDecoder(nn.Module):
         return self.deconvs(x).reshape(*feat.shape[:-1], 3, 64, 64)
 
 
+class LayerNormGRUCell(nn.Module):
+    """DreamerV3's GRU cell (Table 1's layer normalization): one linear map of (x, h) without bias, LayerNorm,
+    then reset r, candidate and update u gates, the update gate's bias at -1 (so h changes slowly at first):
+    h' = u * tanh(r * candidate) + (1 - u) * h."""
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.linear = nn.Linear(input_size + hidden_size, 3 * hidden_size, bias=False)
+        self.norm = nn.LayerNorm(3 * hidden_size)
+
+    def forward(self, x, h):
+        reset, cand, update = self.norm(self.linear(torch.cat([x, h], -1))).chunk(3, -1)
+        update = torch.sigmoid(update - 1)
+        return update * torch.tanh(torch.sigmoid(reset) * cand) + (1 - update) * h
+
+
 class WorldModel(nn.Module):
     """The RSSM of Section 3.1 with its heads. A model state is s = (h, z): h the GRU state, z the C
     one-hot categoricals (J classes each), flattened as feat = concat(h, z)."""
@@ -334,7 +366,7 @@ class WorldModel(nn.Module):
         self.encoder = ConvEncoder(args.cnn_depth)
         self.gru_in = nn.Sequential(nn.Linear(z_dim + num_actions, args.mlp_units), nn.LayerNorm(args.mlp_units),
                                     nn.SiLU())
-        self.gru = nn.GRUCell(args.mlp_units, args.rnn_units)
+        self.gru = LayerNormGRUCell(args.mlp_units, args.rnn_units)
         self.prior_net = mlp(args.rnn_units, z_dim, args.mlp_units, 1)
         self.post_net = mlp(args.rnn_units + self.encoder.out_dim, z_dim, args.mlp_units, 1)
         self.feat_dim = args.rnn_units + z_dim
@@ -503,13 +535,17 @@ def state_features(h, z):
     return torch.cat([h, z.flatten(1)], -1).detach()
 
 
-def gae(rewards, values, next_values, discounts, lam):
+def gae(rewards, values, next_values, discounts, lam, cuts=None):
     """Eq. 9 over time-first tensors [T, N]: delta_t = r_{t+1} + d_t v(s_{t+1}) - v(s_t) and
-    A_t = delta_t + lambda d_t A_{t+1}, where d_t is gamma times the continuation after step t."""
+    A_t = delta_t + lambda d_t A_{t+1}, where d_t is gamma times the continuation after step t. Where
+    cuts[t] is set, step t + 1 starts a new segment (a transformed dream state): step t bootstraps from
+    next_values[t] (the value of the state before the transformation) and takes nothing of A_{t+1}."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[0])
     for t in reversed(range(len(rewards))):
         delta = rewards[t] + discounts[t] * next_values[t] - values[t]
+        if cuts is not None:
+            last = torch.where(cuts[t], 0.0, last)
         last = delta + discounts[t] * lam * last
         advantages[t] = last
     return advantages
@@ -517,10 +553,11 @@ def gae(rewards, values, next_values, discounts, lam):
 
 def stack_trajectory(steps, last_value):
     """Lists of per-step tensors to time-first float32 tensors [T, N, ...], with next_values[t] = v(s_{t+1})
-    (the last one from `last_value`, the value of the state after the final step)."""
+    (the last one from `last_value`, the value of the state after the final step), taken from the per-step
+    `bootstrap_values` instead of `values` when the steps have them (a dream's untransformed states)."""
     traj = {k: torch.stack(v) for k, v in steps.items()}
     traj = {k: v.float() if v.is_floating_point() else v for k, v in traj.items()}
-    traj["next_values"] = torch.cat([traj["values"][1:], last_value[None].float()])
+    traj["next_values"] = torch.cat([traj.pop("bootstrap_values", traj["values"])[1:], last_value[None].float()])
     return traj
 
 
@@ -578,7 +615,8 @@ def ppo_update(agent, optimizer, return_scale, batch, num_minibatches, args, dev
 def train_agent(agent, optimizer, return_scale, traj, gamma, args, device):
     """GAE on a batch of trajectories (time-first), critic targets A + v (Eq. 8), then PPO. `traj` holds
     states, actions, logprobs, values, next_values, rewards, conts, weights."""
-    advantages = gae(traj["rewards"], traj["values"], traj["next_values"], gamma * traj["conts"], args.gae_lambda)
+    advantages = gae(traj["rewards"], traj["values"], traj["next_values"], gamma * traj["conts"], args.gae_lambda,
+                     traj.get("cuts"))
     batch = dict(states=traj["states"], actions=traj["actions"], logprobs=traj["logprobs"], advantages=advantages,
                  targets=advantages + traj["values"], weights=traj["weights"])
     return ppo_update(agent, optimizer, return_scale, {k: v.flatten(0, 1) for k, v in batch.items()},
@@ -597,41 +635,49 @@ def random_initial_states(wm, n):
 
 
 def collected_initial_states(wm, dataset, n, args):
-    """Posterior states of real sequences drawn from the dataset (the common practice; Figure 3)."""
-    batch = to_torch(dataset.sample(math.ceil(n / args.seq_len), args.seq_len, 0.0), wm.bins.device)
+    """Posterior states of real data (the common practice; Figure 3), one from each of n sequences drawn as the
+    world model's batches are (DreamerV3 starts imagination from its training batch): each sequence is filtered
+    for --burn-in steps to warm up (h, z), and its last state, burn_in steps in, starts a dream."""
+    batch = to_torch(dataset.sample(n, args.burn_in + 1, args.reward_seq_fraction), wm.bins.device)
     hs, zs, *_ = wm.observe(batch["obs"], batch["actions"], batch["conts"], batch["is_first"])
-    pick = torch.randperm(hs.shape[0] * hs.shape[1], device=hs.device)[:n]
-    return hs.flatten(0, 1)[pick], zs.flatten(0, 1)[pick]
+    return hs[:, -1], zs[:, -1]
 
 
 def imagine(wm, agent, h, z, horizon, args):
     """Dream `horizon` steps from states (h, z) with the actor and the frozen world model: each state may
     first be transformed (`transform`), then a_t ~ pi(s_t), h_{t+1} = f(h_t, z_t, a_t), z_{t+1} ~ p(z | h_{t+1}),
     and the heads predict r_{t+1} and c_{t+1}. Returns time-first tensors and dream statistics."""
-    keys = ("states", "actions", "logprobs", "values", "rewards", "conts")
+    keys = ("states", "actions", "logprobs", "values", "bootstrap_values", "rewards", "conts", "changed")
     traj = {k: [] for k in keys}
-    transformed, value_moves = 0, []
+    moves = {k: [] for k in ("value_move", "h_move", "z_flip_frac")}
     for _ in range(horizon):
-        s_in = state_features(h, z)
+        h_in, z_in = h, z
         h, z, changed = transform(h, z, wm, agent, args)
         s = state_features(h, z)
         with torch.no_grad(), autocast(h.device):
             action, logprob, _, _, value = agent.get_action_and_value(s)
+            # r_t and c_t were predicted from the untransformed state: the step before bootstraps from its value.
+            bootstrap_value = value.clone()
             if changed.any():
-                transformed += changed.sum().item()
-                value_moves.append((value[changed] - agent.value(s_in[changed])).abs())
+                bootstrap_value[changed] = agent.value(state_features(h_in[changed], z_in[changed])).float()
+                moves["value_move"].append((value[changed] - bootstrap_value[changed]).abs())
+                moves["h_move"].append((h[changed] - h_in[changed]).abs().mean(1))
+                moves["z_flip_frac"].append((z[changed].argmax(-1) != z_in[changed].argmax(-1)).float().mean(1))
             h = wm.recurrent(h, z, action).float()  # float32 dream states: CUDA autocast's GRU gives bf16
             z = sample_onehot(wm.prior(h))
             reward, cont = wm.heads(state_features(h, z))
-        for key, x in zip(keys, (s, action, logprob, value, reward, cont)):
+        for key, x in zip(keys, (s, action, logprob, value, bootstrap_value, reward, cont, changed)):
             traj[key].append(x)
     with torch.no_grad(), autocast(h.device):
         traj = stack_trajectory(traj, agent.value(state_features(h, z)))
+    # A transformed state starts a new segment: the step before it takes nothing of its advantage (`gae`).
+    changed = traj.pop("changed")
+    traj["cuts"] = torch.cat([changed[1:], torch.zeros_like(changed[:1])])
     # The chance that the dream is still going at step t weighs that step's loss.
     traj["weights"] = torch.cat([torch.ones_like(traj["conts"][:1]), traj["conts"][:-1].cumprod(0)])
     stats = dict(reward_mean=traj["rewards"].mean().item(), cont_mean=traj["conts"].mean().item(),
-                 value_mean=traj["values"].mean().item(), transformed_frac=transformed / (horizon * len(h)),
-                 value_move=torch.cat(value_moves).mean().item() if value_moves else 0.0)
+                 value_mean=traj["values"].mean().item(), transformed_frac=changed.float().mean().item(),
+                 **{k: torch.cat(v).mean().item() if v else 0.0 for k, v in moves.items()})
     return traj, stats
 
 
@@ -687,14 +733,15 @@ def transform(h, z, wm, agent, args, force=False):
 
 # %% evaluation
 @torch.no_grad()
-def evaluate(wm, agent, args, step, device):
-    """Mean game score of the current policy, acting on posterior states, over num_envs x test_repetitions
-    episodes on the full level distribution (Table 2: 5 x 5), played side by side: the first episode of each
-    of that many fresh test environments (the same statistic as 5 episodes in a row in each of 5 environments,
-    without the wait: 3.6x faster at full size on a GPU). ProcGen ignores resets, so every evaluation makes
-    fresh environments, their levels drawn from the seed and the step: no episode is counted half-played."""
+def evaluate(wm, agent, args, step, device, num_levels=0):
+    """Mean game score of the current policy, acting on posterior states with sampled actions, over
+    num_envs x test_repetitions episodes on the full level distribution (Table 2: 5 x 5; `num_levels` N for the
+    training levels instead), played side by side: the first episode of each of that many fresh environments
+    (the same statistic as 5 episodes in a row in each of 5 environments, without the wait: 3.6x faster at full
+    size on a GPU). ProcGen ignores resets, so every evaluation makes fresh environments, their levels drawn
+    from the seed and the step: no episode is counted half-played."""
     n = args.num_envs * args.test_repetitions
-    envs = make_env(args.env_id, n, 0, (args.seed * 1_000_003 + step) % 2**31)
+    envs = make_env(args.env_id, n, num_levels, (args.seed * 1_000_003 + step) % 2**31)
     obs = torch.as_tensor(envs.reset()["rgb"], device=device)
     h, z = wm.initial(n), torch.zeros(n, wm.C, wm.J, device=device)
     action, is_first = torch.zeros(n, dtype=torch.long, device=device), torch.ones(n, dtype=torch.bool, device=device)
@@ -714,14 +761,36 @@ def evaluate(wm, agent, args, step, device):
     return float(first_scores.mean())
 
 
+def evaluations(wm, agent, args, step, device):
+    """The returns logged after every epoch: test_return (full distribution; the curve of Figures 3-5) and, with
+    --eval-train-levels, train_levels_return, measured the same way on the N training levels."""
+    returns = dict(test_return=evaluate(wm, agent, args, step, device))
+    if args.eval_train_levels:
+        returns["train_levels_return"] = evaluate(wm, agent, args, step, device, args.num_levels)
+    return returns
+
+
 # %% checkpoint
+def atomic_save(obj, path):
+    """torch.save to a temporary file beside `path`, then a rename: a crash while writing leaves no broken file."""
+    torch.save(obj, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def replay_path(day_path):
+    """The day's real data, beside its day.pt: only the nights that learn from real data read it."""
+    return os.path.join(os.path.dirname(os.path.abspath(day_path)), "day_replay.pt")
+
+
 def save_checkpoint(path, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, args, progress):
-    """The state at the end of the day: models, optimizers, P, dataset, RNG states, arguments, progress."""
+    """The state at the end of the day: models, optimizers, P, RNG states, arguments and progress in `path`
+    (day.pt, small), the dataset beside it (day_replay.pt, the real frames)."""
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    torch.save(dict(world_model=wm.state_dict(), agent=agent.state_dict(), wm_optimizer=wm_optimizer.state_dict(),
-                    agent_optimizer=agent_optimizer.state_dict(), return_scale=return_scale.value,
-                    dataset=dataset.state_dict(), rng=rng, args=asdict(args), progress=progress), path)
+    atomic_save(dataset.state_dict(), replay_path(path))
+    atomic_save(dict(world_model=wm.state_dict(), agent=agent.state_dict(), wm_optimizer=wm_optimizer.state_dict(),
+                     agent_optimizer=agent_optimizer.state_dict(), return_scale=return_scale.value, rng=rng,
+                     args=asdict(args), progress=progress), path)
 
 
 def load_checkpoint(path, args):
@@ -735,16 +804,22 @@ def load_checkpoint(path, args):
              for k in DAY_FIELDS if saved.get(k) != getattr(args, k)]
     if wrong:
         fail("--day-checkpoint", f"{path!r} was made with other settings; run with: " + ", ".join(wrong))
+    if needs_replay(args) and not os.path.isfile(replay_path(path)):
+        fail("--day-checkpoint", f"this night learns from the day's real data, and {replay_path(path)!r} is missing "
+                                 f"(a benchmark removes it once the nights that need it are done)")
     return ckpt
 
 
-def restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, capacity):
+def restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, capacity, replay=None):
+    """Load a day checkpoint into the run's objects; the dataset from the file `replay` (day_replay.pt) when the
+    night needs real data, else it stays empty."""
     wm.load_state_dict(ckpt["world_model"])
     agent.load_state_dict(ckpt["agent"])
     wm_optimizer.load_state_dict(ckpt["wm_optimizer"])
     agent_optimizer.load_state_dict(ckpt["agent_optimizer"])
     return_scale.value = ckpt["return_scale"]
-    dataset.load_state_dict(ckpt["dataset"], capacity)
+    if replay is not None:
+        dataset.load_state_dict(torch.load(replay, map_location="cpu", weights_only=False), capacity)
     random.setstate(ckpt["rng"]["python"])
     np.random.set_state(ckpt["rng"]["numpy"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -757,13 +832,13 @@ def restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, datase
 class Logger:
     """TensorBoard scalars and a line of progress per epoch in the terminal."""
 
-    def __init__(self, run_name, args, total_epochs):
+    def __init__(self, run_dir, args, total_epochs):
         if args.track:
             import wandb
 
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=vars(args), name=run_name, save_code=True)
-        self.writer = SummaryWriter(f"runs/{run_name}")
+                       config=vars(args), name=os.path.basename(run_dir), save_code=True)
+        self.writer = SummaryWriter(run_dir)
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
             f"|{k}|{v}|" for k, v in vars(args).items()))
         self.start, self.epochs_done, self.total_epochs = time.time(), 0, total_epochs
@@ -787,7 +862,7 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
     penalty, scale = reward_shaping(args)
     n, num_actions = args.num_envs, envs.action_space.n
     obs, is_first = envs.reset()["rgb"], np.ones(n, bool)
-    score, step, episodes = np.zeros(n), 0, 0
+    score, seed_steps, episodes = np.zeros(n), 0, 0
     while episodes < args.seed_episodes or dataset.size < args.seq_len:
         action = np.random.randint(num_actions, size=n)
         next_obs, reward, done, _ = envs.step(action)
@@ -795,13 +870,16 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
                     is_first=is_first, logprobs=np.full(n, -math.log(num_actions)))
         score += reward
         score[done] = 0.0
-        obs, is_first, step, episodes = next_obs["rgb"], done, step + n, episodes + done.sum()
+        obs, is_first, seed_steps, episodes = next_obs["rgb"], done, seed_steps + n, episodes + done.sum()
     # The agent's state s_t of the current frame; from here on each real frame is filtered once.
     with torch.no_grad(), autocast(device):
         h, z = wm.filter_step(wm.initial(n), torch.zeros(n, wm.C, wm.J, device=device),
                               torch.zeros(n, dtype=torch.long, device=device), torch.as_tensor(obs, device=device),
                               torch.ones(n, dtype=torch.bool, device=device))
-    test_return = None
+    # The x-axis counts the real steps of the day epochs (E_d T_d = 1M at the paper's size), not the seed episodes'.
+    print(f"{seed_steps:,} real steps of {episodes} seed episodes (random actions), not counted on the x-axis",
+          flush=True)
+    step, test_return = 0, None
     for epoch in range(1, args.day_epochs + 1):
         t0 = time.time()
         wm_stats = []
@@ -842,12 +920,12 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
         stats = train_agent(agent, agent_optimizer, return_scale, traj, args.day_gamma, args, device)
         step += args.day_steps
         sps = args.day_steps / (time.time() - t1)
-        test_return = evaluate(wm, agent, args, step, device)
+        returns = evaluations(wm, agent, args, step, device)
+        test_return = returns["test_return"]
         wm_means = {k: float(np.mean([m[k] for m in wm_stats])) for k in wm_stats[0]}
         log.scalars("world_model", wm_means, step)
         log.scalars("losses", stats, step)
-        log.scalars("charts", dict(test_return=test_return, SPS=sps, wm_update_seconds=(t1 - t0) / args.wm_updates),
-                    step)
+        log.scalars("charts", dict(**returns, SPS=sps, wm_update_seconds=(t1 - t0) / args.wm_updates), step)
         train_text = "-"
         if finished:
             log.scalars("charts", dict(train_return=float(np.mean(finished))), step)
@@ -876,22 +954,69 @@ def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, 
         stats = train_agent(agent, agent_optimizer, return_scale, traj, 1 - 1 / args.horizon, args, device)
         step += n * args.horizon
         sps = n * args.horizon / (time.time() - t0)
-        test_return = evaluate(wm, agent, args, step, device)
+        returns = evaluations(wm, agent, args, step, device)
+        test_return = returns["test_return"]
         log.scalars("losses", stats, step)
         log.scalars("dream", dream_stats, step)
         if args.dream_images_every and (epoch - 1) % args.dream_images_every == 0:
             log_dream_images(wm, agent, traj["states"].flatten(0, 1), args, log.writer, step)
-        log.scalars("charts", dict(test_return=test_return, SPS=sps), step)
+        log.scalars("charts", dict(**returns, SPS=sps), step)
         log.progress("night", epoch, args.night_epochs, step,
                      f"test {test_return:.2f} dream reward {dream_stats['reward_mean']:.3f} SPS {sps:.0f}")
     return step
 
 
+def needs_replay(args):
+    """Whether this night learns from the day's real data (day_replay.pt): only from collected initial states."""
+    return args.init_states == "collected"
+
+
 # %% main
+def claim_run_dir(args):
+    """The run's directory, made and taken before any work (a .lock file names this process): --run-dir, or a
+    new runs/{env_id}__{exp_name}[_collected][_night]__{seed}__{time}[_k]. Refused when it already holds a run's
+    TensorBoard events, when a live run holds it, or when it cannot be written."""
+    path = args.run_dir
+    try:
+        if path is None:
+            tag = ("_collected" if args.init_states == "collected" else "") + ("_night" if args.day_checkpoint else "")
+            base = path = os.path.join("runs", f"{args.env_id}__{args.exp_name}{tag}__{args.seed}__{int(time.time())}")
+            for k in itertools.count(2):  # two runs started in the same second get two directories
+                try:
+                    os.makedirs(path)
+                    break
+                except FileExistsError:
+                    path = f"{base}_{k}"
+        os.makedirs(path, exist_ok=True)
+        lock = os.path.join(path, ".lock")
+        if os.path.exists(lock):
+            host, pid = open(lock).read().split()
+            if host == socket.gethostname() and pid_alive(int(pid)):
+                fail("--run-dir", f"{path!r} is in use by another run (process {pid}); choose another --run-dir")
+        if glob.glob(os.path.join(path, "events.out.tfevents.*")):
+            fail("--run-dir", f"{path!r} already holds a run's TensorBoard events; choose another --run-dir or remove it")
+        with open(lock, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}")
+    except OSError as e:
+        fail("--run-dir", f"cannot write the run's directory {path!r} ({e.strerror}); run from a writable directory "
+                          f"or choose a writable --run-dir")
+    return path, lock
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def main(args):
     check_args(args)
     ckpt = load_checkpoint(args.day_checkpoint, args) if args.day_checkpoint else None
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir, lock = claim_run_dir(args)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -907,12 +1032,12 @@ def main(args):
     return_scale = ReturnScale(args.return_scale_decay)
     capacity = math.ceil((args.day_epochs * args.day_steps) / args.num_envs) + 1000
     dataset = ReplayDataset(args.num_envs, capacity)
-    log = Logger(run_name, args, args.night_epochs + (0 if ckpt else args.day_epochs))
+    log = Logger(run_dir, args, args.night_epochs + (0 if ckpt else args.day_epochs))
     day_text = f"night only, from {args.day_checkpoint}" if ckpt else f"{args.day_epochs} day epochs of {args.day_steps} real steps"
-    print(f"{run_name} on {device}: {day_text}, {args.night_epochs} night epochs of "
+    print(f"{run_dir} on {device}: {day_text}, {args.night_epochs} night epochs of "
           f"{args.agent_batch_size * args.agent_updates} agent sequences of {args.horizon} steps", flush=True)
     bookkeeping = {"exp_name", "seed", "env_id", "cuda", "track", "wandb_project_name", "wandb_entity", "save_day",
-                   "day_checkpoint", "torch_deterministic", "dream_images_every"}
+                   "day_checkpoint", "torch_deterministic", "dream_images_every", "run_dir", "eval_train_levels"}
     changed = [f"--{f.name.replace('_', '-')}" for f in fields(args)
                if f.name not in bookkeeping and getattr(args, f.name) != f.default]
     if changed:
@@ -923,11 +1048,12 @@ def main(args):
     if ckpt is None:
         progress = day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device)
         if args.save_day:
-            path = f"runs/{run_name}/day.pt"
+            path = os.path.join(run_dir, "day.pt")
             save_checkpoint(path, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, args, progress)
             print(f"day checkpoint: {path}", flush=True)
     else:
-        progress = restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, capacity)
+        progress = restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, capacity,
+                           replay_path(args.day_checkpoint) if needs_replay(args) else None)
         ckpt = None  # the dataset now lives in `dataset`: free the checkpoint's copy
         log.scalars("charts", dict(test_return=progress["test_return"]), progress["step"])
         print(f"night from {args.day_checkpoint}: day ended at step {progress['step']:,} with test return "
@@ -935,6 +1061,7 @@ def main(args):
     night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, progress["step"])
     envs.close()
     log.writer.close()
+    os.remove(lock)
 
 
 if __name__ == "__main__":

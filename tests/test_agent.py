@@ -42,6 +42,51 @@ def test_gae_by_hand_with_a_termination():
     assert expected[:, 1].tolist() == pytest.approx([0.8315, 2.07, 0.6])
 
 
+def test_gae_cut_before_a_transformed_state_by_hand():
+    """Step 1 of column 0 is a transformed dream state: step 0 bootstraps from the value of the state before the
+    transformation (next_values[0] = 2.0, where v(s'_1) = 7.0) and takes nothing of A_1. Column 1 is not cut."""
+    rewards = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    values = torch.tensor([[0.5, 0.5], [7.0, 7.0]])
+    next_values = torch.tensor([[2.0, 7.0], [1.0, 1.0]])
+    discounts = torch.full((2, 2), 0.5)
+    cuts = torch.tensor([[True, False], [False, False]])
+    a1 = 0.0 + 0.5 * 1.0 - 7.0                        # -6.5 in both columns
+    a0_cut = 1.0 + 0.5 * 2.0 - 0.5                    # 1.5: its own step only
+    a0 = (1.0 + 0.5 * 7.0 - 0.5) + 0.5 * 0.5 * a1     # 4.0 - 1.625 = 2.375: v(s'_1) and A_1 leak in
+    out = gae(rewards, values, next_values, discounts, 0.5, cuts)
+    assert torch.allclose(out, torch.tensor([[a0_cut, a0], [a1, a1]]))
+    assert gae(rewards, values, next_values, discounts, 0.5)[0, 0].item() == pytest.approx(1.5 + 0.25 * a1)
+
+
+def test_imagine_bootstraps_a_transformed_state_from_its_untransformed_value(monkeypatch, args, models):
+    """A transformation that moves h at step 2 of every dream: the step before bootstraps from v of the state
+    before the transformation, cuts the trace there, and the moves are measured."""
+    wm, agent = models
+    torch.nn.init.normal_(agent.critic[-1].weight, std=0.05)  # a critic whose value varies with the state
+
+    def shift_at_step_2(h, z, wm, agent, args, force=False):
+        calls.append(1)
+        changed = torch.full((len(h),), len(calls) == 3)
+        return h + 5.0 * changed[:, None], z, changed
+
+    calls = []
+    monkeypatch.setattr(dreamer_ppo, "transform", shift_at_step_2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        h, z = random_initial_states(wm, 6)
+    traj, stats = imagine(wm, agent, h, z, 4, args)
+    s2 = traj["states"][2]
+    h2 = s2[:, : wm.gru.hidden_size] - 5.0
+    untransformed = agent.value(torch.cat([h2, s2[:, wm.gru.hidden_size:]], -1)).detach()
+    assert not torch.allclose(traj["values"][2], untransformed)
+    assert torch.allclose(traj["next_values"][1], untransformed, atol=1e-5)
+    assert torch.equal(traj["next_values"][0], traj["values"][1]) and torch.equal(traj["next_values"][2], traj["values"][3])
+    assert traj["cuts"].tolist() == [[False] * 6, [True] * 6, [False] * 6, [False] * 6]
+    assert stats["transformed_frac"] == pytest.approx(0.25) and stats["h_move"] == pytest.approx(5.0)
+    assert stats["z_flip_frac"] == 0.0
+    assert stats["value_move"] == pytest.approx((traj["values"][2] - untransformed).abs().mean().item(), rel=1e-4)
+
+
 def test_gae_lambda_one_is_discounted_return_minus_value():
     rewards = torch.tensor([[1.0], [2.0], [4.0]])
     values = torch.tensor([[0.3], [0.2], [0.1]])
@@ -228,10 +273,24 @@ def test_imagine_does_not_train_the_world_model(args, models):
     assert not any(v.requires_grad for v in traj.values())
 
 
-def test_collected_initial_states(args, models, coinrun_dataset):
+def test_collected_initial_states(args, models, coinrun_dataset, monkeypatch):
+    """One state from each of n sequences drawn like the world model's batches, the last of burn_in + 1 filtered
+    steps: states with a memory (h != 0), not the h = 0 states at the start of a few sequences."""
     wm, _ = models
+    drawn = []
+    sample = coinrun_dataset.sample
+    monkeypatch.setattr(coinrun_dataset, "sample", lambda *a: drawn.append((a, sample(*a))) or drawn[-1][1])
     np.random.seed(0)
+    torch.manual_seed(0)
     with torch.no_grad():
         h, z = dreamer_ppo.collected_initial_states(wm, coinrun_dataset, 10, args)
     assert h.shape == (10, args.rnn_units) and z.shape == (10, args.categoricals, args.classes)
     assert is_onehot(z)
+    (call, batch), = drawn
+    assert call == (10, args.burn_in + 1, args.reward_seq_fraction)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        hs, zs, *_ = wm.observe(*(torch.as_tensor(batch[k]) for k in ("obs", "actions", "conts", "is_first")))
+    assert torch.equal(h, hs[:, -1]) and torch.equal(z, zs[:, -1])
+    started_there = torch.as_tensor(batch["is_first"][:, -1])
+    assert (h.abs().sum(1) > 0).tolist() == (~started_there).tolist()

@@ -1,7 +1,10 @@
 """Bad input, day checkpoints, and whole runs of the script at tiny sizes (TensorBoard curves, day.pt, a
 night-only run from a day checkpoint)."""
 
+import os
 import random
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +12,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dreamer_ppo import (ReplayDataset, ReturnScale, check_args, load_checkpoint, random_initial_states, restore,
-                         save_checkpoint)
+from dreamer_ppo import (ReplayDataset, ReturnScale, check_args, claim_run_dir, load_checkpoint,
+                         random_initial_states, replay_path, restore, save_checkpoint)
 from conftest import SIZE_FLAGS, crafted_dataset, finish, make_models, make_optimizers, random_batch, run_script, \
     tiny_args
 
@@ -100,7 +103,8 @@ def test_checkpoint_round_trip(tmp_path):
     assert not torch.allclose(before["prior"], expected["prior"])
     assert scale2.value != scale.value
     torch.manual_seed(0)  # another RNG state than at saving
-    progress = restore(load_checkpoint(str(path), args), wm2, agent2, wm_opt2, agent_opt2, scale2, dataset2, 100)
+    progress = restore(load_checkpoint(str(path), args), wm2, agent2, wm_opt2, agent_opt2, scale2, dataset2, 100,
+                       replay_path(path))
     after_rng = (torch.rand(3), np.random.rand(3), random.random())
 
     assert progress == dict(step=345, test_return=2.5)
@@ -135,7 +139,10 @@ def test_checkpoint_stores_frames_as_raw_bytes(tmp_path):
     dataset.size = 200
     save_checkpoint(tmp_path / "day.pt", *trained_state(args, seed=0), dataset, args, dict(step=0, test_return=0.0))
     frames = dataset.data["obs"].nbytes
-    assert (tmp_path / "day.pt").stat().st_size < 1.05 * frames + 2**20
+    assert frames < (tmp_path / "day_replay.pt").stat().st_size < 1.05 * frames + 2**20
+    # the frames live beside day.pt, so a night that does not need them never reads them
+    assert (tmp_path / "day.pt").stat().st_size < 0.2 * frames
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["day.pt", "day_replay.pt"]  # no temporary file left
 
 
 @pytest.mark.parametrize("changes, flag", [
@@ -220,7 +227,9 @@ def test_day_and_night_run(day_runs, init):
     assert len(steps) == DAY_EPOCHS + NIGHT_EPOCHS
     assert all(a < b for a, b in zip(steps, steps[1:]))
     day_end = steps[DAY_EPOCHS - 1]
-    assert steps[1] - steps[0] == DAY_STEPS  # real steps over all environments by day
+    # real steps over all environments by day, the seed episodes' not counted: the day ends at E_d T_d
+    assert steps[:DAY_EPOCHS] == [DAY_STEPS * k for k in range(1, DAY_EPOCHS + 1)]
+    assert [s for s, _ in tags["charts/train_levels_return"]] == steps
     dreamed = AGENT_BATCH * AGENT_UPDATES * HORIZON
     assert steps[DAY_EPOCHS:] == [day_end + dreamed * k for k in range(1, NIGHT_EPOCHS + 1)]
     assert all(np.isfinite(v) and v >= 0 for _, v in test_return)  # coinrun scores are 0 or 10
@@ -240,13 +249,15 @@ def test_day_and_night_run(day_runs, init):
     assert "the full run is every default, `python dreamer_ppo.py --env-id coinrun --seed 1`" in line
 
     ckpt = torch.load(run["run_dir"] / "day.pt", weights_only=False)
-    assert {"world_model", "agent", "dataset", "args", "rng"} <= set(ckpt)
+    assert {"world_model", "agent", "args", "rng"} <= set(ckpt) and "dataset" not in ckpt
     assert ckpt["args"]["init_states"] == init and ckpt["args"]["categoricals"] == 4
     assert ckpt["progress"]["step"] == day_end
     assert ckpt["progress"]["test_return"] == pytest.approx(test_return[DAY_EPOCHS - 1][1])
-    # the dataset holds the seed episodes and every day step of the 5 environments
-    assert ckpt["dataset"]["obs"].shape[0] == 5
-    assert ckpt["dataset"]["size"] * 5 == day_end
+    # the replay beside it holds the seed episodes and every day step of the 5 environments
+    replay = torch.load(run["run_dir"] / "day_replay.pt", weights_only=False)
+    seed_steps = int(next(line for line in run["out"].splitlines() if "seed episodes" in line).split()[0].replace(",", ""))
+    assert replay["obs"].shape[0] == 5 and seed_steps > 0
+    assert replay["size"] * 5 == seed_steps + day_end
 
 
 def test_night_only_from_a_day_checkpoint(day_runs, tmp_path):
@@ -263,3 +274,59 @@ def test_night_only_from_a_day_checkpoint(day_runs, tmp_path):
     assert not any(tag.startswith("world_model/") for tag in tags)  # no day in this run
     assert "dream/reward_mean" in tags
     assert not (single_run_dir(tmp_path) / "day.pt").exists()  # no --save-day
+
+
+def test_night_reads_the_replay_only_when_it_needs_real_data(day_runs, tmp_path):
+    """A night from random initial states runs without day_replay.pt; one from collected states refuses at once,
+    naming the missing file."""
+    day_dir = tmp_path / "day"
+    day_dir.mkdir()
+    (day_dir / "day.pt").write_bytes((day_runs["random"]["run_dir"] / "day.pt").read_bytes())
+    code, out, err = finish(run_script(["--day-checkpoint", str(day_dir / "day.pt"), "--night-epochs", "1",
+                                        "--run-dir", "night", *SIZE_FLAGS], tmp_path))
+    assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
+    assert len(scalars(tmp_path / "night")["charts/test_return"]) == 2
+    code, out, err = finish(run_script(["--day-checkpoint", str(day_dir / "day.pt"), "--init-states", "collected",
+                                        "--night-epochs", "1", "--run-dir", "collected", *SIZE_FLAGS], tmp_path))
+    assert code != 0 and "--day-checkpoint" in err and "day_replay.pt" in err and "missing" in err
+    assert not (tmp_path / "collected").exists()
+
+
+# %% run directories
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "time", lambda: 1234.5)
+    first, _ = claim_run_dir(tiny_args())
+    second, _ = claim_run_dir(tiny_args())
+    collected, _ = claim_run_dir(tiny_args(init_states="collected"))
+    assert first == "runs/coinrun__dreamer_ppo__1__1234"
+    assert second == "runs/coinrun__dreamer_ppo__1__1234_2"
+    assert collected == "runs/coinrun__dreamer_ppo_collected__1__1234"
+
+
+@pytest.mark.parametrize("setup, words", [
+    (lambda d: (d / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}"), ["in use", "process"]),
+    (lambda d: (d / "events.out.tfevents.1.host").write_bytes(b""), ["already holds", "events"]),
+])
+def test_a_run_directory_in_use_or_holding_events_is_refused(tmp_path, setup, words):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    setup(run_dir)
+    with pytest.raises(SystemExit) as e:
+        claim_run_dir(tiny_args(run_dir=str(run_dir)))
+    assert "--run-dir" in str(e.value) and str(run_dir) in str(e.value)
+    for word in words:
+        assert word in str(e.value)
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+    (tmp_path / ".lock").write_text(f"{socket.gethostname()} 999999999")  # no such process
+    path, lock = claim_run_dir(tiny_args(run_dir=str(tmp_path)))
+    assert path == str(tmp_path) and open(lock).read().split()[1] == str(os.getpid())
+
+
+def test_an_unwritable_run_directory_fails_the_script_at_once(tmp_path):
+    (tmp_path / "file").write_text("")
+    code, out, err = finish(run_script(["--run-dir", str(tmp_path / "file" / "run"), *SIZE_FLAGS], tmp_path), 120)
+    assert code != 0 and "--run-dir" in err and "file/run" in err and "writable" in err
+    assert "day 1/" not in out

@@ -215,15 +215,44 @@ def test_actor_critic_optimizer_keeps_the_adam_moments(args, models):
 
 
 # %% the night's real sequences
-def test_offline_sequences_cut_at_episode_boundaries(models):
-    args = offline_args(horizon=5)
-    wm, agent = models
+def marked_dataset():
+    """crafted_dataset whose logprobs tell env e and step t, an episode end after step 19 (the next level at 20),
+    and a new episode at 35 whatever the continuation says."""
     dataset = crafted_dataset(num_envs=3, steps=50, capacity=50)
     dataset.data["actions"] %= 15
-    dataset.data["logprobs"] = -(100.0 * np.arange(3)[:, None] + np.arange(50))  # tells env e and step t
-    dataset.data["conts"][:, 19] = 0.0  # an episode ends after step 19 ...
-    dataset.data["is_first"][:, 20] = True  # ... and the next level starts at 20
-    dataset.data["is_first"][:, 35] = True  # a new episode at 35 whatever the continuation says
+    dataset.data["logprobs"] = -(100.0 * np.arange(3)[:, None] + np.arange(50))
+    dataset.data["conts"][:, 19] = 0.0
+    dataset.data["is_first"][:, 20] = True
+    dataset.data["is_first"][:, 35] = True
+    return dataset
+
+
+def test_offline_sequences_start_past_a_burn_in(models):
+    """The samples start --burn-in steps into each window, their states filtered through the burn-in (the
+    posterior states of the whole window at those steps), not from h = 0."""
+    args = offline_args(horizon=5, burn_in=10)
+    wm, agent = models
+    dataset = marked_dataset()
+    np.random.seed(0)
+    torch.manual_seed(0)
+    traj = offline.offline_sequences(wm, agent, dataset, 50, args, CPU)
+    t0 = ((-traj["behaviour_logprobs"][0]) % 100).long()
+    assert (t0 >= 10).all() and len(set(t0.tolist())) > 5
+    np.random.seed(0)
+    torch.manual_seed(0)
+    window = dreamer_ppo.to_torch(dataset.sample(50, 16, 0.0), CPU)
+    with torch.no_grad():
+        hs, zs, *_ = wm.observe(window["obs"], window["actions"], window["conts"], window["is_first"])
+    expected = dreamer_ppo.state_features(hs[:, 10:15].flatten(0, 1), zs[:, 10:15].flatten(0, 1))
+    assert torch.allclose(traj["states"].transpose(0, 1).flatten(0, 1), expected)
+    with pytest.raises(SystemExit, match="--burn-in"):
+        offline.offline_sequences(wm, agent, dataset, 50, offline_args(horizon=5, burn_in=45), CPU)
+
+
+def test_offline_sequences_cut_at_episode_boundaries(models):
+    args = offline_args(horizon=5, burn_in=0)
+    wm, agent = models
+    dataset = marked_dataset()
     np.random.seed(0)
     torch.manual_seed(0)
     traj = offline.offline_sequences(wm, agent, dataset, 200, args, CPU)

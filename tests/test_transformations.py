@@ -18,7 +18,8 @@ from test_blocks import ROOT, VARIANT_BLOCKS, blocks
 
 MODULES = {name: importlib.import_module(f"dreamer_ppo_{name}") for name in VARIANTS}
 SINGLES = ("random", "deepdream", "valdiv")  # FullDreamer mixes these three
-ALL_FLAGS = ("p_swing", "deepdream_steps", "deepdream_lr", "valdiv_steps", "valdiv_lr", "valdiv_init_noise")
+ALL_FLAGS = ("p_swing", "deepdream_steps", "deepdream_lr", "deepdream_step", "valdiv_steps", "valdiv_lr",
+             "valdiv_init_noise")
 
 
 def variant_args(name, **changes):
@@ -80,6 +81,29 @@ def test_deep_dream_raises_its_objective():
     assert is_onehot(z_new, atol=0)
     assert not torch.equal(h_new, h)
     assert (after > before).float().mean().item() >= 0.9
+
+
+@pytest.mark.parametrize("step, moves", [("normalized", True), ("raw", False)])
+def test_deep_dream_at_the_papers_step_moves_the_state_only_when_normalized(step, moves):
+    """10 steps of 0.1 (Table 2): DeepDream's normalised step moves h by a clear amount and flips categoricals of
+    z; the raw step of the same size leaves the state where it was (the gradient reaching h is tiny)."""
+    module = MODULES["deepdream"]
+    args = variant_args("deepdream", deepdream_step=step, categoricals=8, classes=8, rnn_units=64, cnn_depth=8,
+                        mlp_units=64)
+    wm, agent = make_models(args)
+    wm.requires_grad_(False)
+    h, z = dream_states(wm, 200)
+    h_new, z_new, _ = module.transform(h, z, wm, agent, args, force=True)
+    with torch.no_grad():
+        rise = module.deepdream_objective(h_new, z_new, wm) - module.deepdream_objective(h, z, wm)
+    h_move = (h_new - h).abs().mean().item()
+    flipped = (z_new.argmax(-1) != z.argmax(-1)).float().mean().item()
+    if moves:
+        assert (rise > 0).float().mean().item() >= 0.9
+        assert h_move > 0.3  # each step moves every unit of h by 0.1 on average
+        assert flipped > 0.05
+    else:
+        assert h_move < 0.01 and flipped == 0.0
 
 
 # %% value diversification
@@ -252,10 +276,12 @@ def test_check_args_refuses_bad_transformation_flags(name, changes, flag, words)
 def test_transformation_flags_parse_with_the_paper_defaults(name):
     module = MODULES[name]
     new = {f.name for f in dataclasses.fields(module.Args)} - {f.name for f in dataclasses.fields(dreamer_ppo.Args)}
-    paper = dict(p_swing=0.5, deepdream_steps=10, deepdream_lr=0.1, valdiv_steps=10, valdiv_lr=0.5)
+    paper = dict(p_swing=0.5, deepdream_steps=10, deepdream_lr=0.1, valdiv_steps=10, valdiv_lr=0.5,
+                 deepdream_step="normalized")  # DeepDream's own step (Mordvintsev et al., 2015)
     assert new == {f for f in ALL_FLAGS if name == "full" or f.startswith(("p_" if name == "random" else name))}
     args = tyro.cli(module.Args, args=[])
     assert all(getattr(args, f) == paper[f] for f in new & paper.keys())
     module.check_args(variant_args(name))
-    parsed = tyro.cli(module.Args, args=[token for f in sorted(new) for token in ("--" + f.replace("_", "-"), "1")])
-    assert all(getattr(parsed, f) == 1 for f in new)
+    given = {f: "raw" if f == "deepdream_step" else "1" for f in new}
+    parsed = tyro.cli(module.Args, args=[token for f in sorted(new) for token in ("--" + f.replace("_", "-"), given[f])])
+    assert all(str(getattr(parsed, f)) in (given[f], "1.0") for f in new)

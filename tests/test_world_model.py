@@ -226,3 +226,22 @@ def test_dataset_grows_past_capacity_without_losing_data():
         copy.add(obs=np.zeros((2, 64, 64, 3), np.uint8), actions=np.full(2, 99), rewards=np.zeros(2),
                  conts=np.ones(2), is_first=np.zeros(2, bool), logprobs=np.zeros(2))
         assert copy.size == 38 and (copy.state_dict()["actions"][:, :37] == np.arange(37)).all()
+
+
+def test_dreamerv3_gru_cell_by_hand():
+    """DreamerV3's cell: LayerNorm on one bias-free linear map of (x, h), update gate's bias at -1. With the map
+    at zero the normalised gates are 0: r = 0.5, candidate tanh(0) = 0, u = sigmoid(-1), so h' = (1 - u) h."""
+    cell = dreamer_ppo.LayerNormGRUCell(3, 4)
+    assert cell.linear.bias is None and isinstance(cell.norm, torch.nn.LayerNorm)
+    x, h = torch.randn(5, 3), torch.randn(5, 4)
+    torch.nn.init.zeros_(cell.linear.weight)
+    assert torch.allclose(cell(x, h), (1 - torch.sigmoid(torch.tensor(-1.0))) * h)
+    torch.nn.init.normal_(cell.linear.weight)
+    parts = torch.nn.functional.layer_norm(torch.cat([x, h], -1) @ cell.linear.weight.T, (12,))
+    r, c, u = torch.sigmoid(parts[:, :4]), parts[:, 4:8], torch.sigmoid(parts[:, 8:] - 1)
+    assert torch.allclose(cell(x, h), u * torch.tanh(r * c) + (1 - u) * h, atol=1e-6)
+
+
+def test_world_model_recurrence_is_the_layernorm_gru(args):
+    wm = dreamer_ppo.WorldModel(args, 15)
+    assert isinstance(wm.gru, dreamer_ppo.LayerNormGRUCell) and wm.gru.hidden_size == args.rnn_units
