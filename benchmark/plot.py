@@ -129,15 +129,16 @@ def curve(ax, runs, tag, lo, hi, color, label, style="-"):
 
 
 def panels(games, title):
-    fig, axes = plt.subplots(1, len(games), figsize=(4.5 * len(games), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(games), figsize=(4.5 * max(len(games), 2), 3.6), squeeze=False)
     fig.suptitle(title)
     return fig, axes[0]
 
 
 def save(fig, axes, path):
     handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 4), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(handles) - 1) // 4), 1, 1))
+    ncol = min(len(handles), 2 * len(axes) + 2)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(handles) - 1) // ncol), 1, 1))
     for ext in ("png", "pdf"):
         fig.savefig(f"{path}.{ext}", dpi=150)
     plt.close(fig)

@@ -317,11 +317,13 @@ def test_random_policy_score_on_coinrun():
 
 # %% the whole pipeline
 def test_all_at_tiny_size(tmp_path):
-    result = bash("all", tmp_path, ENVS="coinrun", SEEDS="1 2", PRESET="tiny", WORKERS="2")
+    """all.sh on one game and two seeds with two workers: 2 days and 14 nights (2 environments instead of 5, a
+    flag passed through to every script), the figures and the table."""
+    result = bash("all", tmp_path, "--num-envs", "2", ENVS="coinrun", SEEDS="1 2", PRESET="tiny", WORKERS="2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "16 runs finished, 0 skipped" in result.stdout
-    for name in names(["day", *ALL], ["1", "2"]):
-        assert (tmp_path / name / runner.DONE).exists()
+    assert all(json.loads((tmp_path / name / runner.DONE).read_text())["cmd"].count("--num-envs") == 1
+               for name in names(["day", *ALL], ["1", "2"]))
     for s in (1, 2):
         day = runner.run_dir(tmp_path, "coinrun", runner.DAY, s)
         assert (day / "day.pt").exists() and not (day / runner.REPLAY).exists()
