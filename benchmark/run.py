@@ -28,6 +28,7 @@ of a failed day are skipped (and reported). At the end the figures are drawn (be
 """
 
 import argparse
+import fcntl
 import json
 import os
 import shlex
@@ -278,6 +279,18 @@ def main(argv=None):
     if args.backend == "slurm":
         run_slurm(todo, args.out, args.keep_replay, plot_cmd)
         return 0
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with open(Path(args.out) / ".runner.lock", "w") as lock:
+        try:  # a second runner on the same OUT would empty the directories of runs under way
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit(f"another benchmark runner is using {args.out}; wait for it or choose another OUT")
+        return local(args, runs, plot_cmd)
+
+
+def local(args, runs, plot_cmd):
+    """Run what is unfinished here, draw the figures, report; the exit status."""
+    todo = pending(runs)
     workers = args.workers or default_workers(visible_gpus())
     start = time.time()
     results, peak = run_local(todo, args.out, workers, args.keep_replay)
@@ -289,7 +302,6 @@ def main(argv=None):
     for run, code in failed.items():
         print(f"FAILED {run.name}: " + (code if isinstance(code, str) else f"exit {code}, see {run.dir / LOG}"))
     return 1 if failed or plotted else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

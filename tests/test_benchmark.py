@@ -1,6 +1,7 @@
 """Tests of benchmark/: the runner's matrix, skip logic, failures, replay deletion and SLURM submission (on fake
 scripts), the plotter on synthetic TensorBoard events of known means, and the whole pipeline at tiny sizes."""
 
+import fcntl
 import json
 import os
 import subprocess
@@ -168,6 +169,11 @@ def test_failed_day_skips_its_nights_and_a_rerun_finishes(fake, capsys):
     assert json.loads((day1 / "DONE").read_text())["cmd"][2:4] == ["--env-id", "coinrun"]
 
     assert fake("fig3", "fig4", "fig5") == (0, [])  # everything finished: nothing runs
+
+    with open(fake.out / ".runner.lock") as held:  # as if another runner were using OUT
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SystemExit, match="another benchmark runner"):
+            fake("fig3")
 
 
 def test_unfinished_runs_are_redone_in_a_clean_dir(fake):
