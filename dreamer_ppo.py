@@ -3,6 +3,7 @@ agent keeps learning by night from plain dreams started at random (Eq. 2) or col
 
 Paper: "Do Agents Dream of Electric Sheep?" (Franceschelli & Musolesi), Sections 3-4, Algorithm 1,
 Tables 1-2, Figures 3-4. Usage: python dreamer_ppo.py --env-id coinrun --seed 1
+Where the paper is terse, the choices made (and why) are listed in CHOICES.md, beside this script.
 """
 
 # %% imports

@@ -3,6 +3,7 @@ gradient ascent on (h, z) of the activation of the encoder's last convolution on
 
 Paper: "Do Agents Dream of Electric Sheep?" (Franceschelli & Musolesi), Section 4.1, Eq. 4, Table 2,
 Figures 4-5. Usage: python dreamer_ppo_deepdream.py --env-id coinrun --seed 1
+Where the paper is terse, the choices made (and why) are listed in CHOICES.md, beside this script.
 """
 
 # %% imports

@@ -3,6 +3,7 @@ random swing (Eq. 3), DeepDream (Eq. 4) and value diversification (Eq. 5), drawn
 
 Paper: "Do Agents Dream of Electric Sheep?" (Franceschelli & Musolesi), Section 4.1, supplementary material
 (Additional Results), Figure 5. Usage: python dreamer_ppo_full.py --env-id coinrun --seed 1
+Where the paper is terse, the choices made (and why) are listed in CHOICES.md, beside this script.
 """
 
 # %% imports

@@ -4,6 +4,7 @@ experience collected by day, encoded by the frozen world model, instead of on dr
 Paper: "Do Agents Dream of Electric Sheep?" (Franceschelli & Musolesi), Section 5.2 ("an offline adaptation
 of PPO (Queeney et al., 2021)", same hyperparameters), Figure 4; the day is Algorithm 1 with Tables 1-2.
 Usage: python dreamer_ppo_offline.py --env-id coinrun --seed 1
+Where the paper is terse, the choices made (and why) are listed in CHOICES.md, beside this script.
 
 Each night epoch draws U_a B_a windows of --burn-in + H + 1 real steps uniformly from the dataset (the
 prioritized sampling of rewards is the world model's) and computes their posterior states

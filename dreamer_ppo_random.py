@@ -3,6 +3,7 @@
 
 Paper: "Do Agents Dream of Electric Sheep?" (Franceschelli & Musolesi), Section 4.1, Eq. 3, Figures 4-5.
 Usage: python dreamer_ppo_random.py --env-id coinrun --seed 1
+Where the paper is terse, the choices made (and why) are listed in CHOICES.md, beside this script.
 """
 
 # %% imports

@@ -5,6 +5,7 @@ critic through a continuous copy that accumulates the ascent (straight-through a
 
 Paper: "Do Agents Dream of Electric Sheep?" (Franceschelli & Musolesi), Section 4.1, Eq. 5, Table 2,
 Figures 4-5. Usage: python dreamer_ppo_valdiv.py --env-id coinrun --seed 1
+Where the paper is terse, the choices made (and why) are listed in CHOICES.md, beside this script.
 """
 
 # %% imports
