@@ -1,0 +1,261 @@
+"""Figures 3-5, the results table, the generalization gap and an aggregate over games, from the benchmark's runs.
+
+Reads the TensorBoard events of OUT/{game}/{method}/seed{S} (with tensorboard's own EventAccumulator) of the
+runs that finished (a DONE marker, written by benchmark/run.py), and writes to OUT/figures:
+
+- fig3/fig4/fig5 .png and .pdf: one panel per game, `charts/test_return` against steps. The shared day curve
+  once (from the day runs), then one line per method by night (from its night runs), the day/night boundary
+  as a dotted vertical line, the mean over seeds with a 95% confidence band (Student's t over seeds), and the
+  score of a uniformly random policy dashed (measured, benchmark/random_score.py, cached in OUT).
+- results.md: per game and method, the test return at the day's end and at the night's end (each the mean
+  of that phase's last 10 epochs), mean ± 95% CI (t) over seeds, the change over the night (paired by
+  seed), the train-minus-test gap at both ends, and how many seeds it has; missing runs are named. Then the
+  aggregate over games.
+- gap.png/.pdf: train levels vs. test levels (`charts/train_levels_return` and `charts/test_return`) for one
+  method per game, day then night: does the night narrow the gap, or raise both?
+- aggregate.png/.pdf: the normalized test return at the night's end (the day's end for the day), over all
+  games, (R - R_min) / (R_max - R_min) with ProcGen's easy-mode ranges (Cobbe et al. 2020, Appendix C); the
+  interquartile mean with 95% stratified-bootstrap confidence intervals of rliable (Agarwal et al. 2021),
+  over the seeds that every game has.
+
+    python benchmark/plot.py --out runs/benchmark --envs coinrun --seeds 1 2 3 --figures fig3 fig4 fig5
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmark.run import DAY, DONE, FIGURES, METHODS, env_list, methods_of, run_dir  # noqa: E402
+
+TEST, TRAIN = "charts/test_return", "charts/train_levels_return"
+LAST = 10  # epochs averaged at the end of a phase
+# ProcGen easy mode (R_min, R_max): Cobbe et al. 2020, "Leveraging Procedural Generation to Benchmark RL", App. C
+EASY_RANGES = {"coinrun": (5, 10), "starpilot": (2.5, 64), "caveflyer": (3.5, 12), "dodgeball": (1.5, 19),
+               "fruitbot": (-1.5, 32.4), "chaser": (0.5, 13), "miner": (1.5, 13), "jumper": (3, 10),
+               "leaper": (3, 10), "maze": (5, 10), "bigfish": (1, 40), "heist": (3.5, 10), "climber": (2, 12.6),
+               "plunder": (4.5, 30), "ninja": (3.5, 10), "bossfight": (0.5, 13)}
+COLORS = {DAY: "tab:blue", "dreamer_random": "tab:green", "dreamer_collected": "tab:olive", "rnd": "tab:red",
+          "deepdream": "tab:purple", "valdiv": "tab:orange", "full": "tab:brown", "offline": "lightskyblue"}
+LABELS = {DAY: "day (shared)", **{m: method.label for m, method in METHODS.items()}}
+
+
+def read_run(path):
+    """{tag: (steps, values)} of a finished run, or None."""
+    if not (path / DONE).exists():
+        return None
+    events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: tuple(np.array(x) for x in zip(*[(e.step, e.value) for e in events.Scalars(tag)]))
+            for tag in (TEST, TRAIN) if tag in events.Tags()["scalars"]}
+
+
+def load(out, games, seeds, methods):
+    """{(game, method): {seed: scalars}} over the finished runs (method DAY for the days)."""
+    return {(g, m): {s: r for s in seeds if (r := read_run(run_dir(out, g, m, s))) is not None}
+            for g in games for m in (DAY, *methods)}
+
+
+def mean_ci(x):
+    """Mean over axis 0 and the half-width of its 95% confidence interval (Student's t; NaN for one seed)."""
+    x = np.asarray(x, float)
+    n = len(x)
+    half = stats.t.ppf(0.975, n - 1) * x.std(axis=0, ddof=1) / np.sqrt(n) if n > 1 else np.full(x.shape[1:], np.nan)
+    return x.mean(axis=0), half
+
+
+def phase(scalars, tag, lo, hi):
+    """(steps, values) of `tag` with lo < step <= hi."""
+    if tag not in scalars:
+        return np.array([]), np.array([])
+    steps, values = scalars[tag]
+    keep = (steps > lo) & (steps <= hi)
+    return steps[keep], values[keep]
+
+
+def day_end(data, game, methods):
+    """The day/night boundary: the last step of the day runs (the first of the nights if no day finished)."""
+    days = [r[TEST][0].max() for r in data[game, DAY].values() if TEST in r]
+    nights = [r[TEST][0].min() for m in methods for r in data[game, m].values() if TEST in r]
+    return max(days) if days else min(nights, default=0)
+
+
+def end_score(scalars, tag, lo, hi):
+    values = phase(scalars, tag, lo, hi)[1]
+    return values[-LAST:].mean() if len(values) else np.nan
+
+
+def seed_scores(data, game, method, end):
+    """{seed: dict(day=..., night=..., gap_day=..., gap_night=...)} for the seeds that have the day and the night."""
+    days, nights = data[game, DAY], data[game, method]
+    scores = {}
+    for s in sorted(set(days) & set(nights)):
+        test = (end_score(days[s], TEST, -np.inf, end), end_score(nights[s], TEST, end, np.inf))
+        train = (end_score(days[s], TRAIN, -np.inf, end), end_score(nights[s], TRAIN, end, np.inf))
+        scores[s] = dict(day=test[0], night=test[1], change=test[1] - test[0], gap_day=train[0] - test[0],
+                         gap_night=train[1] - test[1])
+    return scores
+
+
+def fmt(values):
+    values = np.asarray(values, float)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return "missing"
+    mean, half = mean_ci(values)
+    return f"{mean:.2f}" + (f" ± {half:.2f}" if len(values) > 1 else "")
+
+
+def curve(ax, runs, tag, lo, hi, color, label, style="-"):
+    """Mean and 95% band over seeds of `tag` for lo < step <= hi, on the steps every seed has."""
+    phases = [phase(r, tag, lo, hi) for r in runs.values()]
+    phases = [p for p in phases if len(p[0])]
+    if not phases:
+        return
+    steps = sorted(set.intersection(*(set(p[0].tolist()) for p in phases)))
+    values = np.array([[dict(zip(*p))[step] for step in steps] for p in phases])
+    mean, half = mean_ci(values)
+    ax.plot(steps, mean, style, color=color, label=label)
+    if len(phases) > 1:
+        ax.fill_between(steps, mean - half, mean + half, color=color, alpha=0.2, linewidth=0)
+
+
+def panels(games, title):
+    fig, axes = plt.subplots(1, len(games), figsize=(4.5 * max(len(games), 2), 3.6), squeeze=False)
+    fig.suptitle(title)
+    return fig, axes[0]
+
+
+def save(fig, axes, path):
+    handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
+    ncol = min(len(handles), 2 * len(axes) + 2)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(handles) - 1) // ncol), 1, 1))
+    for ext in ("png", "pdf"):
+        fig.savefig(f"{path}.{ext}", dpi=150)
+    plt.close(fig)
+
+
+def draw_figure(name, data, games, ends, randoms, path):
+    fig, axes = panels(games, f"Figure {name[-1]}: test return on the full level distribution")
+    for ax, game in zip(axes, games):
+        curve(ax, data[game, DAY], TEST, -np.inf, ends[game], COLORS[DAY], LABELS[DAY])
+        for m in FIGURES[name]:
+            curve(ax, data[game, m], TEST, ends[game] - 1, np.inf, COLORS[m], LABELS[m])
+        ax.axvline(ends[game], color="k", linestyle=":", linewidth=1)
+        ax.axhline(randoms[game], color="gray", linestyle="--", linewidth=1, label="random policy")
+        ax.set(title=game, xlabel="steps (real by day, dreamed by night)", ylabel="test return")
+    save(fig, axes, path)
+
+
+def draw_gap(data, games, ends, method, path):
+    fig, axes = panels(games, f"Train levels (solid) vs. test levels (dashed): day, then {LABELS[method]} by night")
+    for ax, game in zip(axes, games):
+        for tag, style, kind in ((TRAIN, "-", "train levels"), (TEST, "--", "test")):
+            curve(ax, data[game, DAY], tag, -np.inf, ends[game], COLORS[DAY], f"{kind}, day", style)
+            curve(ax, data[game, method], tag, ends[game] - 1, np.inf, COLORS[method], f"{kind}, night", style)
+        ax.axvline(ends[game], color="k", linestyle=":", linewidth=1)
+        ax.set(title=game, xlabel="steps", ylabel="return")
+    save(fig, axes, path)
+
+
+def aggregate(scores, games, reps):
+    """{method: (IQM, low, high, seeds)} of normalized scores over games, rliable's stratified bootstrap."""
+    from rliable import library as rly
+    from rliable import metrics
+    matrices = {}
+    for method, by_game in scores.items():
+        seeds = sorted(set.intersection(*(set(by_game[g]) for g in games)))
+        if seeds:
+            matrices[method] = np.array([[(by_game[g][s] - EASY_RANGES[g][0]) / (EASY_RANGES[g][1] - EASY_RANGES[g][0])
+                                          for g in games] for s in seeds])
+    if not matrices:
+        return {}
+    point, interval = rly.get_interval_estimates(matrices, lambda x: np.array([metrics.aggregate_iqm(x)]), reps=reps)
+    return {m: (point[m][0], interval[m][0, 0], interval[m][1, 0], len(matrices[m])) for m in matrices}
+
+
+def draw_aggregate(result, games, path):
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(result) + 1.6))
+    for i, (m, (iqm, low, high, n)) in enumerate(result.items()):
+        ax.errorbar(iqm, i, xerr=[[iqm - low], [high - iqm]], fmt="o", color=COLORS[m], capsize=4)
+    ax.set_yticks(range(len(result)), [f"{LABELS[m] if m != DAY else 'day'} ({result[m][3]} seeds)" for m in result])
+    ax.invert_yaxis()
+    ax.set(xlabel="normalized test return (easy-mode ranges)\nat the night's end (the day's end for the day)\n"
+                  "IQM, 95% stratified-bootstrap CI", title=f"Aggregate over {', '.join(games)}")
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        fig.savefig(f"{path}.{ext}", dpi=150)
+    plt.close(fig)
+
+
+def table(data, games, seeds, methods, ends, randoms):
+    """The markdown table, and {method: {game: {seed: night-end score}}} (DAY: day-end) for the aggregate."""
+    lines = [f"Test return on the full level distribution: each phase's end is the mean of its last {LAST} epochs; "
+             "mean ± 95% CI (Student's t) over seeds; the change over the night and the train-minus-test gap are "
+             "taken per seed.", ""]
+    finals = {m: {} for m in (DAY, *methods)}
+    for game in games:
+        lines += [f"## {game} (random policy: {randoms[game]:.2f}; day ends at step {ends[game]:,})", "",
+                  "| method | seeds | test, day's end | test, night's end | change over the night | "
+                  "train − test, day's end | train − test, night's end |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        finals[DAY][game] = {s: end_score(r, TEST, -np.inf, ends[game]) for s, r in data[game, DAY].items()}
+        for m in methods:
+            scores = seed_scores(data, game, m, ends[game])
+            finals[m][game] = {s: v["night"] for s, v in scores.items()}
+            missing = [s for s in seeds if s not in scores]
+            count = f"{len(scores)}/{len(seeds)}" + (f" (missing: {', '.join(map(str, missing))})" if missing else "")
+            cells = [fmt([v[k] for v in scores.values()]) for k in ("day", "night", "change", "gap_day", "gap_night")]
+            lines.append(f"| {LABELS[m]} | {count} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines, finals
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/benchmark")
+    p.add_argument("--envs", nargs="+", default=env_list("ENVS", "coinrun caveflyer chaser plunder"))
+    p.add_argument("--seeds", nargs="+", type=int, default=[int(s) for s in env_list("SEEDS", "1 2 3 4 5")])
+    p.add_argument("--figures", nargs="+", choices=FIGURES, default=list(FIGURES))
+    p.add_argument("--gap-method", choices=METHODS, default="dreamer_random",
+                   help="the method whose nights the generalization-gap figure shows")
+    p.add_argument("--random-episodes", type=int, default=100)
+    p.add_argument("--reps", type=int, default=2000, help="bootstrap resamples of the aggregate's CIs")
+    args = p.parse_args(argv)
+    from benchmark.random_score import cached_random_scores  # imports the scripts (torch): only when plotting
+
+    methods = methods_of(args.figures)
+    data = load(args.out, args.envs, args.seeds, methods)
+    ends = {g: day_end(data, g, methods) for g in args.envs}
+    randoms = cached_random_scores(args.out, args.envs, args.random_episodes)
+    figures = Path(args.out) / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    for name in args.figures:
+        draw_figure(name, data, args.envs, ends, randoms, figures / name)
+    gap_method = args.gap_method if args.gap_method in methods else methods[0]
+    draw_gap(data, args.envs, ends, gap_method, figures / "gap")
+    lines, finals = table(data, args.envs, args.seeds, methods, ends, randoms)
+    result = aggregate(finals, args.envs, args.reps)
+    if result:
+        draw_aggregate(result, args.envs, figures / "aggregate")
+    lines += [f"## Aggregate over {', '.join(args.envs)}", "",
+              "Normalized test return (R − R_min) / (R_max − R_min), ProcGen's easy-mode ranges; the night's end (the "
+              "day's end for the day); interquartile mean and 95% stratified-bootstrap CI (rliable, "
+              f"{args.reps} resamples) over the seeds every game has.", "", "| method | seeds | IQM | 95% CI |",
+              "| --- | --- | --- | --- |"]
+    lines += [f"| {LABELS[m]} | {result[m][3]} | {result[m][0]:.3f} | [{result[m][1]:.3f}, {result[m][2]:.3f}] |"
+              if m in result else f"| {LABELS[m]} | 0 | missing | missing |" for m in (DAY, *methods)]
+    (figures / "results.md").write_text("\n".join(lines) + "\n")
+    print(f"figures and results.md in {figures}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""The benchmark runner behind benchmark/fig3.sh, fig4.sh, fig5.sh and all.sh.
+
+It expands (games x seeds x methods) into runs: one day per (game, seed) (`--night-epochs 0 --save-day`),
+then each method's night from that day's checkpoint. Every run has a stable directory,
+OUT/{game}/{method}/seed{S} (the day under method `day`), holding its TensorBoard events, its log
+(log.txt) and, once it has exited with 0, a DONE marker. Running the same command again skips finished
+runs and redoes unfinished ones from scratch (their directory is emptied first), so an interrupted
+benchmark resumes where it stopped. A day that is (re)run invalidates its nights: they run again too.
+
+Settings come from the environment (the interface of the shell scripts) or the flags below:
+
+  ENVS     games, default "coinrun caveflyer chaser plunder"     SEEDS    default "1 2 3 4 5"
+  PRESET   paper (default: every size the paper's) | cpu (the README's CPU-sized protocol) | tiny (tests)
+  WORKERS  local runs at once; default WORKERS_PER_GPU (default 4) per visible GPU, at most one per CPU
+           core, or one per 2 CPU cores without a GPU. Runs on one GPU share it (it is idle most of the time).
+  OUT      where runs (OUT/{game}/{method}/seed{S}) and figures (OUT/figures) go, default runs/benchmark
+  DRY_RUN=1       print every command, one per line, and run nothing
+  BACKEND  local (default) or slurm (submitit: one job per run, each night after its day with afterok;
+           SLURM_PARTITION, SLURM_TIME_MIN (default 240), SLURM_MEM_GB (default 32), SLURM_CPUS (default 8))
+  KEEP_REPLAY=1   keep each day's day_replay.pt (the real frames; ~12 GB at the paper's size). By default
+           it is deleted once every night that reads it (dreamer_collected and offline) has finished.
+
+Anything after `--` (the shell scripts pass their own arguments there) is added to every script's command,
+day and nights alike, e.g. `bash benchmark/fig3.sh --penalty 0`.
+
+A failed run is reported at the end and makes the exit status non-zero; the others go on, and the nights
+of a failed day are skipped (and reported). At the end the figures are drawn (benchmark/plot.py).
+"""
+
+import argparse
+import fcntl
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Method(NamedTuple):
+    script: str
+    flags: tuple
+    reads_replay: bool  # the night trains on the day's real frames (day_replay.pt)
+    label: str
+
+
+METHODS = {
+    "dreamer_random": Method("dreamer_ppo.py", ("--init-states", "random"), False, "Dreamer (random init.)"),
+    "dreamer_collected": Method("dreamer_ppo.py", ("--init-states", "collected"), True, "Dreamer (collected init.)"),
+    "rnd": Method("dreamer_ppo_random.py", (), False, "RndDreamer"),
+    "deepdream": Method("dreamer_ppo_deepdream.py", (), False, "DeepDreamer"),
+    "valdiv": Method("dreamer_ppo_valdiv.py", (), False, "ValDreamer"),
+    "full": Method("dreamer_ppo_full.py", (), False, "FullDreamer"),
+    "offline": Method("dreamer_ppo_offline.py", (), True, "Offline"),
+}
+DAY = "day"  # the method name of a day run
+FIGURES = {
+    "fig3": ("dreamer_random", "dreamer_collected"),
+    "fig4": ("dreamer_random", "rnd", "deepdream", "valdiv", "offline"),
+    "fig5": ("rnd", "deepdream", "valdiv", "full"),
+}
+
+# Size flags, identical for a day and its nights (a night refuses a day of other sizes), and the night epochs.
+PRESETS = {
+    "paper": ((), None),
+    "cpu": (("--day-epochs", "40", "--wm-updates", "20", "--day-steps", "5000", "--wm-batch-size", "16",
+             "--seq-len", "16", "--categoricals", "16", "--classes", "16", "--rnn-units", "256", "--cnn-depth", "16",
+             "--mlp-units", "256", "--penalty", "0"), "40"),
+    "tiny": (("--wm-updates", "2", "--day-steps", "100", "--wm-batch-size", "4", "--seq-len", "8",
+              "--agent-updates", "2", "--agent-batch-size", "4", "--horizon", "5", "--test-repetitions", "1",
+              "--seed-episodes", "1", "--categoricals", "4", "--classes", "4", "--rnn-units", "32", "--cnn-depth",
+              "4", "--mlp-units", "32", "--bins", "31", "--day-epochs", "2"), "2"),
+}
+REPLAY = "day_replay.pt"
+DONE = "DONE"
+LOG = "log.txt"
+
+
+def methods_of(figures):
+    """The nights the figures need, each once, in the order of METHODS."""
+    return [m for m in METHODS if any(m in FIGURES[f] for f in figures)]
+
+
+def run_dir(out, game, method, seed):
+    return Path(out) / game / method / f"seed{seed}"
+
+
+@dataclass(frozen=True)
+class Run:
+    game: str
+    method: str
+    seed: int
+    cmd: tuple
+    dir: Path
+    day: Optional["Run"] = None  # a night's day
+
+    @property
+    def name(self):
+        return f"{self.game}/{self.method}/seed{self.seed}"
+
+    @property
+    def done(self):
+        return (self.dir / DONE).exists()
+
+
+def expand(games, seeds, methods, preset, extra, out):
+    """Every run, days first (one per game and seed), then each day's nights in the order of `methods`."""
+    sizes, night_epochs = PRESETS[preset]
+    night_flags = ("--night-epochs", night_epochs) if night_epochs else ()
+    python = sys.executable
+    days = {(g, s): Run(g, DAY, s, (python, str(ROOT / "dreamer_ppo.py"), "--env-id", g, "--seed", str(s), *sizes,
+                                    *extra, "--night-epochs", "0", "--save-day", "--run-dir",
+                                    str(run_dir(out, g, DAY, s))), run_dir(out, g, DAY, s))
+            for g in games for s in seeds}
+    nights = [Run(g, m, s, (python, str(ROOT / METHODS[m].script), "--env-id", g, "--seed", str(s), *sizes,
+                            *night_flags, *METHODS[m].flags, *extra, "--day-checkpoint", str(days[g, s].dir / "day.pt"),
+                            "--run-dir", str(run_dir(out, g, m, s))), run_dir(out, g, m, s), days[g, s])
+              for g in games for s in seeds for m in methods]
+    return [*days.values(), *nights]
+
+
+def pending(runs):
+    """The runs to (re)do: unfinished ones, and the nights of a day that is to be redone."""
+    return [r for r in runs if not r.done or (r.day is not None and not r.day.done)]
+
+
+def drop_replay_if_unneeded(out, game, seed):
+    """Delete the day's real frames once every night that reads them has finished."""
+    if all((run_dir(out, game, m, seed) / DONE).exists() for m, method in METHODS.items() if method.reads_replay):
+        (run_dir(out, game, DAY, seed) / REPLAY).unlink(missing_ok=True)
+
+
+def execute(run, out, keep_replay, env=None, check=False):
+    """Run one script in an emptied directory, its output to log.txt; DONE on exit 0. Returns the exit code
+    (raises on failure with check=True, so that a SLURM job fails and cancels its nights)."""
+    shutil.rmtree(run.dir, ignore_errors=True)
+    run.dir.mkdir(parents=True)
+    env = dict(os.environ if env is None else env)
+    env.setdefault("OMP_NUM_THREADS", "1")  # torch's thread pools thrash when runs share cores
+    env.setdefault("MKL_NUM_THREADS", "1")
+    start = time.time()
+    with open(run.dir / LOG, "w") as log:
+        log.write(shlex.join(run.cmd) + "\n")
+        log.flush()
+        code = subprocess.run(run.cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code == 0:
+        (run.dir / DONE).write_text(json.dumps(dict(cmd=list(run.cmd), seconds=round(time.time() - start, 1),
+                                                    finished=time.strftime("%Y-%m-%d %H:%M:%S"))) + "\n")
+        if not keep_replay:
+            drop_replay_if_unneeded(out, run.game, run.seed)
+    elif check:
+        raise RuntimeError(f"{run.name} exited with {code}: see {run.dir / LOG}")
+    return code
+
+
+def disk_usage(path):
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def visible_gpus():
+    try:
+        import torch
+        return list(range(torch.cuda.device_count()))
+    except ImportError:
+        return []
+
+
+def default_workers(gpus):
+    cpus = os.cpu_count() or 1
+    return min(int(os.environ.get("WORKERS_PER_GPU", 4)) * len(gpus), cpus) if gpus else max(1, cpus // 2)
+
+
+def reads_replay(run):
+    return run.method in METHODS and METHODS[run.method].reads_replay
+
+
+def run_local(todo, out, workers, keep_replay):
+    """A pool of `workers` runs at once, slot i on GPU i mod (visible GPUs). A night starts once its day is
+    done; ready nights go before days (those that read the replay first), which keeps few replays on disk at
+    once. Returns ({run: exit code, or why it was skipped}, the peak disk use of `out` seen at each run's end)."""
+    gpus = visible_gpus()
+    results, running, free_slots, queue = {}, {}, list(range(workers)), list(todo)
+    peak = disk_usage(out)
+    with ThreadPoolExecutor(workers) as pool:
+        while queue or running:
+            for run in [r for r in queue if r.day is not None and results.get(r.day, 0) != 0]:
+                queue.remove(run)
+                results[run] = f"skipped: its day {run.day.name} failed"
+            ready = sorted((r for r in queue if r.day is None or r.day.done), key=lambda r: (r.day is None,
+                                                                                            not reads_replay(r)))
+            for run, slot in zip(ready, list(free_slots)):
+                queue.remove(run)
+                free_slots.remove(slot)
+                env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpus[slot % len(gpus)])} if gpus else {}))
+                print(f"start  {run.name}", flush=True)
+                running[pool.submit(execute, run, out, keep_replay, env)] = run, slot
+            if not running:  # a day exited with 0 without its DONE marker: its nights cannot start
+                results.update((r, f"skipped: its day {r.day.name} is not finished") for r in queue)
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run, slot = running.pop(future)
+                free_slots.append(slot)
+                results[run] = future.result()
+                peak = max(peak, disk_usage(out))
+                print(f"{'done' if results[run] == 0 else 'FAILED':6} {run.name}", flush=True)
+    return results, peak
+
+
+def run_slurm(todo, out, keep_replay, plot_cmd):
+    """One SLURM job per run through submitit, each night after its day (afterok), and the plots after all."""
+    try:
+        import submitit
+    except ImportError:
+        sys.exit("BACKEND=slurm needs submitit: pip install -e '.[benchmark]'")
+    executor = submitit.AutoExecutor(folder=Path(out) / "slurm" / "%j", cluster="slurm")
+    executor.update_parameters(timeout_min=int(os.environ.get("SLURM_TIME_MIN", 240)), gpus_per_node=1,
+                               cpus_per_task=int(os.environ.get("SLURM_CPUS", 8)),
+                               mem_gb=int(os.environ.get("SLURM_MEM_GB", 32)),
+                               **({"slurm_partition": os.environ["SLURM_PARTITION"]}
+                                  if os.environ.get("SLURM_PARTITION") else {}))
+    jobs = {}
+    for run in todo:  # days come first
+        after = [jobs[run.day].job_id] if run.day in jobs else []
+        executor.update_parameters(name=run.name, slurm_additional_parameters=dict(
+            dependency="afterok:" + ":".join(after), kill_on_invalid_dep="yes") if after else {})
+        jobs[run] = executor.submit(execute, run, out, keep_replay, None, True)
+        print(f"{jobs[run].job_id}  {run.name}", flush=True)
+    executor.update_parameters(name="plots", gpus_per_node=0, timeout_min=60, slurm_additional_parameters=dict(
+        dependency="afterany:" + ":".join(j.job_id for j in jobs.values())) if jobs else {})
+    job = executor.submit(subprocess.run, plot_cmd, check=True)
+    print(f"{job.job_id}  plots (after every run)", flush=True)
+    return jobs
+
+
+def env_list(name, default):
+    return os.environ.get(name, default).replace(",", " ").split()
+
+
+def parse(argv):
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--figures", nargs="+", choices=FIGURES, required=True, help="the figures whose runs to make")
+    p.add_argument("--envs", nargs="+", default=env_list("ENVS", "coinrun caveflyer chaser plunder"))
+    p.add_argument("--seeds", nargs="+", type=int, default=[int(s) for s in env_list("SEEDS", "1 2 3 4 5")])
+    p.add_argument("--preset", choices=PRESETS, default=os.environ.get("PRESET", "paper"))
+    p.add_argument("--workers", type=int, default=int(os.environ["WORKERS"]) if os.environ.get("WORKERS") else None)
+    p.add_argument("--out", default=os.environ.get("OUT", "runs/benchmark"))
+    p.add_argument("--dry-run", action="store_true", default=os.environ.get("DRY_RUN", "0") not in ("", "0"))
+    p.add_argument("--backend", choices=("local", "slurm"), default=os.environ.get("BACKEND", "local"))
+    p.add_argument("--keep-replay", action="store_true",
+                   default=os.environ.get("KEEP_REPLAY", "0") not in ("", "0"))
+    args = p.parse_args(argv)
+    args.extra = tuple(extra)
+    args.out = str(Path(args.out).resolve())
+    return args
+
+
+def main(argv=None):
+    args = parse(sys.argv[1:] if argv is None else argv)
+    methods = methods_of(args.figures)
+    runs = expand(args.envs, args.seeds, methods, args.preset, args.extra, args.out)
+    todo = pending(runs)
+    plot_cmd = [sys.executable, str(ROOT / "benchmark" / "plot.py"), "--out", args.out, "--envs", *args.envs,
+                "--seeds", *map(str, args.seeds), "--figures", *args.figures]
+    print(f"# {len(runs)} runs ({len(runs) - len(todo)} finished, {len(todo)} to run), preset {args.preset}, "
+          f"out {args.out}", file=sys.stderr, flush=True)
+    if args.dry_run:
+        print("\n".join(shlex.join(r.cmd) for r in todo) + ("\n" if todo else "") + shlex.join(plot_cmd))
+        return 0
+    if args.backend == "slurm":
+        run_slurm(todo, args.out, args.keep_replay, plot_cmd)
+        return 0
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with open(Path(args.out) / ".runner.lock", "w") as lock:
+        try:  # a second runner on the same OUT would empty the directories of runs under way
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sys.exit(f"another benchmark runner is using {args.out}; wait for it or choose another OUT")
+        return local(args, runs, plot_cmd)
+
+
+def local(args, runs, plot_cmd):
+    """Run what is unfinished here, draw the figures, report; the exit status."""
+    todo = pending(runs)
+    workers = args.workers or default_workers(visible_gpus())
+    start = time.time()
+    results, peak = run_local(todo, args.out, workers, args.keep_replay)
+    failed = {r: c for r, c in results.items() if c != 0}
+    plotted = subprocess.run(plot_cmd, cwd=ROOT).returncode
+    print(f"\n{len(results) - len(failed)} runs finished, {len(runs) - len(todo)} skipped (finished before), "
+          f"{len(failed)} failed or skipped; {workers} workers, {time.time() - start:.0f} s; peak disk of {args.out} "
+          f"(at each run's end) {peak / 2**30:.2f} GiB, now {disk_usage(args.out) / 2**30:.2f} GiB")
+    for run, code in failed.items():
+        print(f"FAILED {run.name}: " + (code if isinstance(code, str) else f"exit {code}, see {run.dir / LOG}"))
+    return 1 if failed or plotted else 0
+
+if __name__ == "__main__":
+    sys.exit(main())

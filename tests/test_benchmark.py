@@ -1,0 +1,340 @@
+"""Tests of benchmark/: the runner's matrix, skip logic, failures, replay deletion and SLURM submission (on fake
+scripts), the plotter on synthetic TensorBoard events of known means, and the whole pipeline at tiny sizes."""
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from benchmark import plot, random_score
+from benchmark import run as runner
+from conftest import SIZE_FLAGS
+
+ROOT = Path(runner.__file__).resolve().parent.parent
+# each night's script and --init-states (the contract, written out independently of the runner's table)
+NIGHTS = {"dreamer_random": ("dreamer_ppo.py", "random"), "dreamer_collected": ("dreamer_ppo.py", "collected"),
+          "rnd": ("dreamer_ppo_random.py", None), "deepdream": ("dreamer_ppo_deepdream.py", None),
+          "valdiv": ("dreamer_ppo_valdiv.py", None), "full": ("dreamer_ppo_full.py", None),
+          "offline": ("dreamer_ppo_offline.py", None)}
+ALL = list(NIGHTS)
+SCRIPTS = {"fig3": ["dreamer_random", "dreamer_collected"],
+           "fig4": ["dreamer_random", "rnd", "deepdream", "valdiv", "offline"],
+           "fig5": ["rnd", "deepdream", "valdiv", "full"], "all": ALL}
+
+
+def bash(script, out, *args, **variables):
+    """Run benchmark/{script}.sh with the interface's variables; returns the CompletedProcess."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ENVS", "SEEDS", "PRESET", "WORKERS", "BACKEND")}
+    env.update(OUT=str(out), PYTHON=sys.executable, **variables)
+    return subprocess.run(["bash", str(ROOT / "benchmark" / f"{script}.sh"), *args], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def dry_run(script, out, *args, **env):
+    """The commands a dry run prints (the last is the plot's), split into argument lists."""
+    result = bash(script, out, *args, DRY_RUN="1", **env)
+    assert result.returncode == 0, result.stderr
+    return [line.split() for line in result.stdout.strip().splitlines()]
+
+
+def flag(cmd, name):
+    return cmd[cmd.index(name) + 1]
+
+
+# %% the matrix, printed by a dry run
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_dry_run_days_then_their_nights(script, tmp_path):
+    cmds = dry_run(script, tmp_path, "--penalty", "0", ENVS="coinrun", SEEDS="1 2", PRESET="tiny")
+    runs, plot_cmd = cmds[:-1], cmds[-1]
+    methods = SCRIPTS[script]
+    assert len(runs) == 2 + 2 * len(methods)
+    days, nights = runs[:2], runs[2:]
+    assert [flag(c, "--seed") for c in days] == ["1", "2"]
+    for day in days:
+        assert Path(day[1]).name == "dreamer_ppo.py" and day[-5:-2] == ["--night-epochs", "0", "--save-day"]
+        assert flag(day, "--run-dir") == str(tmp_path / "coinrun" / "day" / f"seed{flag(day, '--seed')}")
+    seen = []
+    for night in nights:
+        seed = flag(night, "--seed")
+        method = Path(flag(night, "--run-dir")).parent.name
+        seen.append((method, seed))
+        assert flag(night, "--run-dir") == str(tmp_path / "coinrun" / method / f"seed{seed}")
+        assert flag(night, "--day-checkpoint") == str(tmp_path / "coinrun" / "day" / f"seed{seed}" / "day.pt")
+        script, init_states = NIGHTS[method]
+        assert Path(night[1]).name == script and flag(night, "--night-epochs") == "2"
+        assert (flag(night, "--init-states") if init_states else "--init-states" not in night) == (init_states or True)
+        assert "--save-day" not in night and night[-4] == "--day-checkpoint"
+    assert sorted(seen) == sorted((m, s) for m in methods for s in ("1", "2"))
+    for cmd in runs:  # the same tiny sizes by day and by night, then the extra flags, then the runner's own
+        assert " ".join(SIZE_FLAGS) in " ".join(cmd) and flag(cmd, "--day-epochs") == "2"
+        assert cmd.index("--bins") < cmd.index("--penalty") < len(cmd) - 5 and flag(cmd, "--env-id") == "coinrun"
+    assert Path(plot_cmd[1]).name == "plot.py" and flag(plot_cmd, "--out") == str(tmp_path)
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing ran
+
+
+def test_dry_run_defaults_are_the_papers(tmp_path):
+    """all.sh at the defaults: 4 games x 5 seeds, 20 days and 140 nights, no size flag."""
+    cmds = dry_run("all", tmp_path)[:-1]
+    assert len(cmds) == 160 and sum("--save-day" in c for c in cmds) == 20
+    assert {flag(c, "--env-id") for c in cmds} == {"coinrun", "caveflyer", "chaser", "plunder"}
+    assert cmds[0][2:] == ["--env-id", "coinrun", "--seed", "1", "--night-epochs", "0", "--save-day", "--run-dir",
+                           str(tmp_path / "coinrun" / "day" / "seed1")]
+    collected = next(c for c in cmds if "collected" in c)
+    assert collected[2:7] == ["--env-id", "coinrun", "--seed", "1", "--init-states"]
+
+
+def test_dry_run_cpu_preset(tmp_path):
+    day, night = dry_run("fig3", tmp_path, ENVS="chaser", SEEDS="7", PRESET="cpu")[:2]
+    assert flag(day, "--day-epochs") == flag(night, "--day-epochs") == "40" and flag(night, "--night-epochs") == "40"
+    assert flag(day, "--rnn-units") == flag(night, "--rnn-units") == "256" and flag(night, "--penalty") == "0"
+
+
+# %% running, on fake scripts
+FAKE_SCRIPT = textwrap.dedent("""\
+    import os, sys
+    from pathlib import Path
+    a = sys.argv
+    d = Path(a[a.index("--run-dir") + 1])
+    if d.exists() and any(f.name.startswith("events.out") for f in d.iterdir()):
+        sys.exit("refused: " + str(d) + " holds events")
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "events.out.tfevents.fake").write_text("")
+    with open(Path(__file__).parent / "calls.txt", "a") as calls:
+        calls.write(str(d) + "\\n")
+    if "--save-day" in a:
+        (d / "day.pt").write_text("weights")
+        (d / "day_replay.pt").write_text("frames")
+    else:
+        day = Path(a[a.index("--day-checkpoint") + 1])
+        assert day.exists(), day
+        if "collected" in a or "offline" in a[0]:
+            assert (day.parent / "day_replay.pt").exists(), "the replay was deleted too early"
+    sys.exit(1 if os.environ.get("FAIL") and os.environ["FAIL"] in str(d) else 0)
+""")
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """runner.ROOT with fake scripts (they log their run dir to calls.txt) and a fake plot.py; returns a function
+    running runner.main and returning (exit code, the run dirs it ran, stdout)."""
+    root = tmp_path / "root"
+    (root / "benchmark").mkdir(parents=True)
+    for script in {m.script for m in runner.METHODS.values()}:
+        (root / script).write_text(FAKE_SCRIPT)
+    (root / "benchmark" / "plot.py").write_text("from pathlib import Path\nPath(__file__).with_name('plotted').touch()\n")
+    monkeypatch.setattr(runner, "ROOT", root)
+    for name in ("ENVS", "SEEDS", "PRESET", "WORKERS", "DRY_RUN", "BACKEND", "KEEP_REPLAY", "FAIL"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "out"
+
+    def main(*figures, seeds=("1", "2"), **env):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        (root / "calls.txt").unlink(missing_ok=True)
+        code = runner.main(["--figures", *figures, "--envs", "coinrun", "--seeds", *seeds, "--workers", "2",
+                            "--out", str(out)])
+        for k in env:
+            monkeypatch.delenv(k)
+        calls = (root / "calls.txt").read_text().split() if (root / "calls.txt").exists() else []
+        return code, sorted(str(Path(c).relative_to(out)) for c in calls)
+
+    main.out, main.root = out, root
+    return main
+
+
+def names(methods, seeds):
+    return sorted(f"coinrun/{m}/seed{s}" for m in methods for s in seeds)
+
+
+def test_failed_day_skips_its_nights_and_a_rerun_finishes(fake, capsys):
+    code, ran = fake("fig3", "fig4", "fig5", FAIL="day/seed2")
+    assert code == 1 and ran == sorted(names(["day", *ALL], ["1"]) + ["coinrun/day/seed2"])
+    report = capsys.readouterr().out
+    assert "FAILED coinrun/day/seed2: exit 1" in report and report.count("skipped: its day coinrun/day/seed2 failed") == 7
+    assert (fake.root / "benchmark" / "plotted").exists()  # the plots are drawn anyway
+    day1 = fake.out / "coinrun" / "day" / "seed1"
+    assert (day1 / "day.pt").exists() and not (day1 / "day_replay.pt").exists()  # its data nights are done
+    assert not (fake.out / "coinrun" / "day" / "seed2" / "DONE").exists()
+
+    code, ran = fake("fig3", "fig4", "fig5")  # the same command again: only what is unfinished
+    assert code == 0 and ran == names(["day", *ALL], ["2"])
+    assert all((fake.out / r / "DONE").exists() for r in names(["day", *ALL], ["1", "2"]))
+    assert json.loads((day1 / "DONE").read_text())["cmd"][2:4] == ["--env-id", "coinrun"]
+
+    assert fake("fig3", "fig4", "fig5") == (0, [])  # everything finished: nothing runs
+
+    with open(fake.out / ".runner.lock") as held:  # as if another runner were using OUT
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SystemExit, match="another benchmark runner"):
+            fake("fig3")
+
+
+def test_unfinished_runs_are_redone_in_a_clean_dir(fake):
+    fake("fig5")
+    night = fake.out / "coinrun" / "rnd" / "seed1"
+    (night / "DONE").unlink()  # as if interrupted: events there, no marker
+    (night / "stale").write_text("")
+    code, ran = fake("fig5")
+    assert code == 0 and ran == ["coinrun/rnd/seed1"] and not (night / "stale").exists() and (night / "DONE").exists()
+
+    (fake.out / "coinrun" / "day" / "seed2" / "DONE").unlink()  # a day redone: its nights come from a new day
+    code, ran = fake("fig5")
+    assert code == 0 and ran == names(["day", "rnd", "deepdream", "valdiv", "full"], ["2"])
+
+
+def test_replay_kept_until_its_last_data_night(fake):
+    """fig5 reads no replay, so it stays for fig3's collected night and fig4's offline night; it goes once both
+    are done (unless KEEP_REPLAY=1)."""
+    replay = fake.out / "coinrun" / "day" / "seed1" / "day_replay.pt"
+    fake("fig5", seeds=("1",))
+    assert replay.exists()
+    fake("fig3", seeds=("1",))
+    assert replay.exists()  # the offline night still needs it
+    code, ran = fake("fig4", seeds=("1",), KEEP_REPLAY="1")
+    assert ran == ["coinrun/offline/seed1"] and replay.exists()
+    (fake.out / "coinrun" / "offline" / "seed1" / "DONE").unlink()
+    assert fake("fig4", seeds=("1",)) == (0, ["coinrun/offline/seed1"]) and not replay.exists()
+
+
+def test_slurm_submits_nights_after_their_day(fake, monkeypatch, capsys):
+    submitted = []
+
+    class Job:
+        def __init__(self, job_id):
+            self.job_id = job_id
+
+    class Executor:
+        def __init__(self, folder, cluster):
+            assert cluster == "slurm"
+            self.params = {}
+
+        def update_parameters(self, **params):
+            self.params.update(params)
+
+        def submit(self, fn, *args, **kwargs):
+            submitted.append((args[0].name if args and isinstance(args[0], runner.Run) else "plots",
+                              dict(self.params)))
+            return Job(str(100 + len(submitted)))
+
+    monkeypatch.setitem(sys.modules, "submitit", type(sys)("submitit"))
+    sys.modules["submitit"].AutoExecutor = Executor
+    assert fake("fig3", BACKEND="slurm", SLURM_PARTITION="gpu") == (0, [])
+    jobs = {name: (str(101 + i), params) for i, (name, params) in enumerate(submitted)}
+    assert list(jobs)[:2] == ["coinrun/day/seed1", "coinrun/day/seed2"] and len(jobs) == 2 + 4 + 1
+    for name, (_, params) in jobs.items():
+        deps = params["slurm_additional_parameters"].get("dependency")
+        if "/day/" in name:
+            assert deps is None and params["gpus_per_node"] == 1 and params["slurm_partition"] == "gpu"
+        elif name != "plots":
+            assert deps == "afterok:" + jobs[f"coinrun/day/seed{name[-1]}"][0]
+    assert jobs["plots"][1]["slurm_additional_parameters"]["dependency"] == "afterany:" + ":".join(
+        job_id for name, (job_id, _) in jobs.items() if name != "plots")
+
+    monkeypatch.setitem(sys.modules, "submitit", None)
+    with pytest.raises(SystemExit, match="pip install"):
+        fake("fig3", BACKEND="slurm")
+
+
+# %% the plotter, on synthetic events
+DAY_END = 15 * 1000
+
+
+def write_run(path, test, train=None, first=None, step0=0, every=1000):
+    """Events of one finished run: test (and train) returns at step0 + every * (1, 2, ...), `first` at step0."""
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(path))
+    if first is not None:
+        writer.add_scalar(plot.TEST, first, step0)
+    for k, value in enumerate(test, 1):
+        writer.add_scalar(plot.TEST, value, step0 + every * k)
+        if train is not None:
+            writer.add_scalar(plot.TRAIN, train[k - 1], step0 + every * k)
+    writer.close()
+    (path / runner.DONE).write_text("{}")
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """coinrun, seeds 1-3. Day: 5 epochs of 100 then 10 of d = seed (train levels: d + 1). Every night: its first
+    point is the day's last (not a night epoch), then 5 epochs of n = 2 * seed (train levels: n + 0.5); the offline
+    night lacks seed 3, valdiv's seed 2 is unfinished (no DONE marker), FullDreamer has none."""
+    out = tmp_path_factory.mktemp("synthetic")
+    for s in (1, 2, 3):
+        day = [100.0] * 5 + [float(s)] * 10
+        write_run(runner.run_dir(out, "coinrun", runner.DAY, s), day, [v + 1 for v in day])
+        for m in ("dreamer_random", "dreamer_collected", "rnd", "deepdream", "valdiv", "offline"):
+            if (m, s) == ("offline", 3):
+                continue
+            night = [2.0 * s] * 5
+            write_run(runner.run_dir(out, "coinrun", m, s), night, [v + 0.5 for v in night], first=float(s),
+                      step0=DAY_END, every=400)
+    (runner.run_dir(out, "coinrun", "valdiv", 2) / runner.DONE).unlink()
+    (out / "random_scores.json").write_text(json.dumps({"coinrun": {"episodes": 100, "score": 2.5}}))
+    plot.main(["--out", str(out), "--envs", "coinrun", "--seeds", "1", "2", "3", "--reps", "200"])
+    return out
+
+
+def row(table, label, which=0):
+    """The cells after the label of the `which`-th row named `label` (0: the game's table, -1: the aggregate)."""
+    return [line for line in table.splitlines() if line.startswith(f"| {label} |")][which].split(" | ")[1:]
+
+
+def test_table_means_and_cis(synthetic):
+    table = (synthetic / "figures" / "results.md").read_text()
+    t = stats.t.ppf(0.975, 2) / np.sqrt(3)  # sd of (1, 2, 3) is 1
+    assert "## coinrun (random policy: 2.50; day ends at step 15,000)" in table
+    day, night, change = f"2.00 ± {t:.2f}", f"4.00 ± {2 * t:.2f}", f"2.00 ± {t:.2f}"
+    assert row(table, "RndDreamer") == ["3/3", day, night, change, "1.00 ± 0.00", "0.50 ± 0.00 |"]
+    t2 = stats.t.ppf(0.975, 1) * np.std([1, 2], ddof=1) / np.sqrt(2)
+    assert row(table, "Offline") == ["2/3 (missing: 3)", f"1.50 ± {t2:.2f}", f"3.00 ± {2 * t2:.2f}",
+                                     f"1.50 ± {t2:.2f}", "1.00 ± 0.00", "0.50 ± 0.00 |"]
+    assert row(table, "ValDreamer")[0] == "2/3 (missing: 2)"  # unfinished: not counted
+    assert row(table, "FullDreamer") == ["0/3 (missing: 1, 2, 3)"] + ["missing"] * 4 + ["missing |"]
+    # the aggregate: normalized by coinrun's (5, 10); the IQM of 3 values is their mean
+    assert row(table, "day (shared)")[:2] == ["3", "-0.600"]
+    assert row(table, "Dreamer (random init.)", -1)[:2] == ["3", "-0.200"]
+    assert row(table, "FullDreamer", -1) == ["0", "missing", "missing |"]
+
+
+def test_figures_written(synthetic):
+    for name in ("fig3", "fig4", "fig5", "gap", "aggregate"):
+        for ext in ("png", "pdf"):
+            assert (synthetic / "figures" / f"{name}.{ext}").stat().st_size > 1000
+
+
+def test_random_scores_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(random_score, "random_policy_score", lambda game, episodes: 1.5)
+    assert random_score.cached_random_scores(tmp_path, ["coinrun"], 10) == {"coinrun": 1.5}
+    monkeypatch.setattr(random_score, "random_policy_score", lambda game, episodes: pytest.fail("not cached"))
+    assert random_score.cached_random_scores(tmp_path, ["coinrun"], 10) == {"coinrun": 1.5}
+
+
+def test_random_policy_score_on_coinrun():
+    score = random_score.random_policy_score("coinrun", episodes=20)
+    assert 0 < score < 10 and score in {10 * k / 20 for k in range(21)}  # 10 or nothing, once per episode
+
+
+# %% the whole pipeline
+def test_all_at_tiny_size(tmp_path):
+    """all.sh on one game and two seeds with two workers: 2 days and 14 nights (2 environments instead of 5, a
+    flag passed through to every script), the figures and the table."""
+    result = bash("all", tmp_path, "--num-envs", "2", ENVS="coinrun", SEEDS="1 2", PRESET="tiny", WORKERS="2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "16 runs finished, 0 skipped" in result.stdout
+    assert all(json.loads((tmp_path / name / runner.DONE).read_text())["cmd"].count("--num-envs") == 1
+               for name in names(["day", *ALL], ["1", "2"]))
+    for s in (1, 2):
+        day = runner.run_dir(tmp_path, "coinrun", runner.DAY, s)
+        assert (day / "day.pt").exists() and not (day / runner.REPLAY).exists()
+    for name in ("fig3", "fig4", "fig5", "gap", "aggregate"):
+        assert (tmp_path / "figures" / f"{name}.png").exists()
+    table = (tmp_path / "figures" / "results.md").read_text()
+    for method in runner.METHODS.values():
+        assert row(table, method.label)[0] == "2/2" and "missing" not in row(table, method.label)[1]
