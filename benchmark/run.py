@@ -76,7 +76,7 @@ PRESETS = {
     "tiny": (("--wm-updates", "2", "--day-steps", "100", "--wm-batch-size", "4", "--seq-len", "8",
               "--agent-updates", "2", "--agent-batch-size", "4", "--horizon", "5", "--test-repetitions", "1",
               "--seed-episodes", "1", "--categoricals", "4", "--classes", "4", "--rnn-units", "32", "--cnn-depth",
-              "4", "--mlp-units", "32", "--bins", "31", "--day-epochs", "2"), "2"),
+              "4", "--mlp-units", "32", "--bins", "31", "--burn-in", "3", "--day-epochs", "2"), "2"),
 }
 REPLAY = "day_replay.pt"
 DONE = "DONE"

@@ -227,15 +227,19 @@ def marked_dataset():
     return dataset
 
 
+def seeded_sequences(models, n, **changes):
+    """offline_sequences of `n` windows of the marked dataset, the RNGs seeded: (args, dataset, traj)."""
+    args, dataset = offline_args(horizon=5, **changes), marked_dataset()
+    np.random.seed(0)
+    torch.manual_seed(0)
+    return args, dataset, offline.offline_sequences(*models, dataset, n, args, CPU)
+
+
 def test_offline_sequences_start_past_a_burn_in(models):
     """The samples start --burn-in steps into each window, their states filtered through the burn-in (the
     posterior states of the whole window at those steps), not from h = 0."""
-    args = offline_args(horizon=5, burn_in=10)
     wm, agent = models
-    dataset = marked_dataset()
-    np.random.seed(0)
-    torch.manual_seed(0)
-    traj = offline.offline_sequences(wm, agent, dataset, 50, args, CPU)
+    args, dataset, traj = seeded_sequences(models, 50, burn_in=10)
     t0 = ((-traj["behaviour_logprobs"][0]) % 100).long()
     assert (t0 >= 10).all() and len(set(t0.tolist())) > 5
     np.random.seed(0)
@@ -250,12 +254,8 @@ def test_offline_sequences_start_past_a_burn_in(models):
 
 
 def test_offline_sequences_cut_at_episode_boundaries(models):
-    args = offline_args(horizon=5, burn_in=0)
     wm, agent = models
-    dataset = marked_dataset()
-    np.random.seed(0)
-    torch.manual_seed(0)
-    traj = offline.offline_sequences(wm, agent, dataset, 200, args, CPU)
+    args, dataset, traj = seeded_sequences(models, 200, burn_in=0)
     for key in ("states", "actions", "behaviour_logprobs", "old_logprobs", "values", "next_values", "rewards",
                 "conts"):
         assert traj[key].shape[:2] == (5, 200), key
