@@ -14,6 +14,8 @@ import math
 import netrc
 import os
 import random
+import shutil
+import signal
 import socket
 import sys
 import time
@@ -58,12 +60,19 @@ class Args:
     wandb_entity: Optional[str] = None
     """the Weights & Biases entity (team)"""
     run_dir: Optional[str] = None
-    """where the run writes (TensorBoard events, and day.pt with --save-day); default
+    """where the run writes (TensorBoard events, checkpoints, the real data); default
     runs/{env_id}__{exp_name}[_collected][_night]__{seed}__{time}, made unique. A directory that already holds
-    a run's events, or that a running run is using, is refused"""
+    a run's events (unless --resume), or that a running run is using, is refused"""
+    resume: bool = False
+    """continue the run of --run-dir from its last checkpoint (start it when it has none): the same command with
+    --resume added; the epochs after that checkpoint are redone (not in the paper)"""
+    checkpoint_every: int = 10
+    """write {run_dir}/checkpoint.pt (the one before kept as checkpoint.prev.pt) every this many epochs, at the end
+    of the day and of the night, and on SIGTERM or SIGUSR1 (then exit 75); 0: only at those ends (not in the paper)"""
     save_day: bool = False
-    """write the state at the end of the day to {run_dir}/day.pt (models, optimizers, RNG) and
-    {run_dir}/day_replay.pt (the real data: 12.3 GB at the paper's size); not with --day-checkpoint (no day is run)"""
+    """write the state at the end of the day to {run_dir}/day.pt (models, optimizers, RNG) and keep the real data
+    in {run_dir}/replay/ (12.3 GB at the paper's size; a run without --save-day deletes it at its end), for
+    nights started with --day-checkpoint; not with --day-checkpoint (no day is run)"""
     day_checkpoint: Optional[str] = None
     """start from a day checkpoint written by any dreamer_ppo*.py script and run only the night"""
 
@@ -218,7 +227,7 @@ def check_args(args):
     for name in POSITIVE_FLAGS:
         if getattr(args, name) <= 0:
             fail("--" + name.replace("_", "-"), f"must be a positive integer, got {getattr(args, name)}")
-    for name in ("night_epochs", "dream_images_every", "burn_in"):
+    for name in ("night_epochs", "dream_images_every", "burn_in", "checkpoint_every"):
         if getattr(args, name) < 0:
             fail("--" + name.replace("_", "-"), f"must be 0 or more, got {getattr(args, name)}")
     for name, interval in INTERVALS.items():
@@ -248,6 +257,8 @@ def check_args(args):
         fail("--init-states", f"must be 'random' or 'collected', got {args.init_states!r}")
     if args.day_checkpoint is not None and not os.path.isfile(args.day_checkpoint):
         fail("--day-checkpoint", f"no file at {args.day_checkpoint!r}")
+    if args.resume and args.run_dir is None:
+        fail("--resume", "needs --run-dir, the directory of the run to continue (a new run's default name is new)")
     if args.day_checkpoint is not None and args.save_day:
         fail("--save-day", f"there is no day to save: the night starts from --day-checkpoint {args.day_checkpoint}")
     if args.track and importlib.util.find_spec("wandb") is None:
@@ -519,7 +530,7 @@ class ReplayDataset:
     KEYS = ("obs", "actions", "rewards", "conts", "is_first", "logprobs")
 
     def __init__(self, num_envs, capacity):
-        self.size = 0
+        self.size = self.saved = 0  # the steps held, and those of them written to disk (`save_new_steps`)
         self.data = dict(obs=np.zeros((num_envs, capacity, 64, 64, 3), np.uint8),
                          actions=np.zeros((num_envs, capacity), np.int64),
                          rewards=np.zeros((num_envs, capacity), np.float32),
@@ -552,17 +563,39 @@ class ReplayDataset:
         index = starts[:, None] + np.arange(length)
         return {k: v[envs[:, None], index] for k, v in self.data.items()}
 
-    def state_dict(self):
-        """The filled steps as tensors: torch.save writes them as raw bytes (numpy arrays it would pickle)."""
-        return dict(size=self.size, **{k: torch.from_numpy(np.ascontiguousarray(v[:, : self.size]))
-                                       for k, v in self.data.items()})
+    def steps(self, start=0):
+        """Steps [start, size) of every environment as tensors (torch.save writes them as raw bytes; numpy arrays it
+        would pickle, at 1.5 times their size)."""
+        return {k: torch.from_numpy(np.ascontiguousarray(v[:, start: self.size])) for k, v in self.data.items()}
 
-    def load_state_dict(self, state, capacity):
-        self.size = state["size"]
-        for key in self.KEYS:
-            saved = np.asarray(state[key])
-            self.data[key] = np.zeros((saved.shape[0], max(capacity, self.size)) + saved.shape[2:], saved.dtype)
-            self.data[key][:, : self.size] = saved
+    def save_new_steps(self, directory):
+        """Write the steps added since the last call to `directory`, as one chunk file named by its first step: the
+        replay reaches the disk as it grows (once per day epoch), and a checkpoint only notes its size."""
+        if self.size > self.saved:
+            os.makedirs(directory, exist_ok=True)
+            atomic_save(self.steps(self.saved), os.path.join(directory, f"{self.saved:010d}.pt"))
+            self.saved = self.size
+
+    def load(self, directory, size):
+        """Fill this empty dataset with the first `size` steps of the chunks that save_new_steps wrote to `directory`
+        (a chunk past them, written after the checkpoint that counted them, is ignored)."""
+        if self.data["actions"].shape[1] < size:
+            self.data = {k: np.zeros((v.shape[0], size) + v.shape[2:], v.dtype) for k, v in self.data.items()}
+        filled = 0
+        chunks = sorted(name for name in os.listdir(directory) if name.endswith(".pt")) if os.path.isdir(directory) else []
+        for name in chunks:
+            start = int(name.split(".")[0])
+            if start >= size or start > filled:
+                break
+            chunk = torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True)
+            end = min(start + chunk["actions"].shape[1], size)
+            for key in self.KEYS:
+                self.data[key][:, start:end] = chunk[key][:, : end - start].numpy()
+            filled = end
+        if filled < size:
+            raise SystemExit(f"error: the replay in {directory!r} holds {filled} of the {size} steps per environment "
+                             f"that its checkpoint counts; a chunk file is missing")
+        self.size = self.saved = size
 
 
 def to_torch(batch, device):
@@ -588,6 +621,12 @@ class Agent(nn.Module):
             action = dist.sample()
         critic_logits = self.critic(s)
         return action, dist.log_prob(action), dist.entropy(), critic_logits, twohot_decode(critic_logits, self.bins)
+
+
+def make_agent_optimizer(agent, lr):
+    """Adam on the agent, the actor's parameters in param_groups[0] and the critic's in param_groups[1]: the same
+    updates as one group, and the Offline night adapts the actor's learning rate apart from the critic's."""
+    return torch.optim.Adam([dict(params=agent.actor.parameters()), dict(params=agent.critic.parameters())], lr=lr)
 
 
 def state_features(h, z):
@@ -647,7 +686,9 @@ def ppo_update(agent, optimizer, return_scale, batch, num_minibatches, args, dev
     """PPO (Eqs. 6-8) for `update_epochs` iterations over `num_minibatches` minibatches of the flat
     `batch` (states, actions, logprobs of pi_old, advantages, targets, weights): each minibatch's advantages
     are divided by max(1, P), the policy term is `objective` (Eq. 7 unless another is given), and each
-    sample's loss is weighted."""
+    sample's loss is weighted. A minibatch with a non-finite loss term ends the update before its step, and its
+    terms are returned instead of the means (for `check_finite`)."""
+    names = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")
     stats, scales = [], []
     for _ in range(args.update_epochs):
         for index in torch.randperm(len(batch["actions"]), device=device).chunk(num_minibatches):
@@ -660,15 +701,16 @@ def ppo_update(agent, optimizer, return_scale, batch, num_minibatches, args, dev
             v_loss = twohot_loss(critic_logits, mb["targets"], agent.bins)
             w = mb["weights"] / mb["weights"].sum()
             loss = (w * (pg_loss + args.vf_coef * v_loss - args.ent_coef * entropy)).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-            optimizer.step()
             with torch.no_grad():
                 log_ratio = logprob - mb["logprobs"]  # pi / pi_old
                 stats.append(torch.stack([loss, (w * pg_loss).sum(), (w * v_loss).sum(), (w * entropy).sum(),
                                           (log_ratio.exp() - 1 - log_ratio).mean(), clipped.float().mean()]))
-    names = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")
+            if not torch.isfinite(stats[-1]).all():  # no step from a non-finite loss: the caller names its terms
+                return dict(zip(names, stats[-1].tolist()), return_scale=scales[-1])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+            optimizer.step()
     return dict(zip(names, torch.stack(stats).mean(0).tolist()), return_scale=float(np.mean(scales)))
 
 
@@ -806,31 +848,120 @@ def evaluations(wm, agent, args, step, device):
 
 
 # %% checkpoint
-def atomic_save(obj, path):
-    """torch.save to a temporary file beside `path`, then a rename: a crash while writing leaves no broken file."""
+CHECKPOINT_FORMAT = 2  # checkpoint.pt and day.pt as written here (format 1 held the real data in day_replay.pt)
+PREEMPTED = 75  # the exit status after SIGTERM or SIGUSR1 and its checkpoint: run the same command with --resume
+# The flags a resumed run may change: where and how it logs, not what it computes.
+RESUME_MAY_CHANGE = ("resume", "checkpoint_every", "run_dir", "cuda", "track", "wandb_project_name", "wandb_entity")
+
+
+def atomic_save(obj, path, previous=None):
+    """torch.save to a temporary file beside `path`, then a rename: a crash while writing leaves no broken file. The
+    file it replaces is kept as `previous` when given."""
     try:
         torch.save(obj, f"{path}.tmp")
     except BaseException:  # Ctrl-C or a full disk: no half-written file is left behind
         if os.path.exists(f"{path}.tmp"):
             os.remove(f"{path}.tmp")
         raise
+    if previous is not None and os.path.exists(path):
+        os.replace(path, previous)
     os.replace(f"{path}.tmp", path)
 
 
+def replay_dir(run_dir):
+    """Where a run writes its real data D, one chunk file per day epoch (ReplayDataset.save_new_steps)."""
+    return os.path.join(run_dir, "replay")
+
+
 def replay_path(day_path):
-    """The day's real data, beside its day.pt: only the nights that learn from real data read it."""
-    return os.path.join(os.path.dirname(os.path.abspath(day_path)), "day_replay.pt")
+    """The real data of the day whose checkpoint is `day_path`, beside it: only the nights that learn from real data
+    read it."""
+    return replay_dir(os.path.dirname(os.path.abspath(day_path)))
 
 
-def save_checkpoint(path, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, args, progress):
-    """The state at the end of the day: models, optimizers, P, RNG states, arguments and progress in `path`
-    (day.pt, small), the dataset beside it (day_replay.pt, the real frames)."""
+def forget_steps_after(directory, size):
+    """Delete the chunks of a replay directory from step `size` on: a resumed run writes them again."""
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        if int(name.split(".")[0]) >= size:
+            os.remove(os.path.join(directory, name))
+
+
+def run_state(wm, agent, wm_optimizer, agent_optimizer, return_scale, args, progress, loop=None):
+    """What a run needs to go on from the end of an epoch, but the real data (on disk already; progress counts its
+    steps): models, optimizers, P, every RNG, the arguments, the progress (phase, epoch, step, last test return,
+    replay size) and, by day, the acting `loop`'s state (the environments' own state, frames, (h, z), scores)."""
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    atomic_save(dataset.state_dict(), replay_path(path))
-    atomic_save(dict(world_model=wm.state_dict(), agent=agent.state_dict(), wm_optimizer=wm_optimizer.state_dict(),
-                     agent_optimizer=agent_optimizer.state_dict(), return_scale=return_scale.value, rng=rng,
-                     args=asdict(args), progress=progress), path)
+    return dict(format=CHECKPOINT_FORMAT, world_model=wm.state_dict(), agent=agent.state_dict(),
+                wm_optimizer=wm_optimizer.state_dict(), agent_optimizer=agent_optimizer.state_dict(),
+                return_scale=return_scale.value, rng=rng, args=asdict(args), progress=progress, loop=loop)
+
+
+class Checkpoints:
+    """The run's checkpoints, taken at the end of an epoch: {run_dir}/checkpoint.pt every --checkpoint-every epochs,
+    at the end of the day and of the night, and once SIGTERM or SIGUSR1 has arrived (then the run exits with
+    PREEMPTED); the one before stays as checkpoint.prev.pt. By day, each epoch's new real steps go to
+    {run_dir}/replay/ first; with --save-day, the end of the day is also written to day.pt."""
+
+    signal = None  # the stop signal received (`on_stop_signal`)
+    latest = None  # (path, "day epoch k") of the last checkpoint written by this process, for the line on Ctrl-C
+
+    def __init__(self, run_dir, args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset):
+        self.run_dir, self.args, self.dataset = run_dir, args, dataset
+        self.objects = (wm, agent, wm_optimizer, agent_optimizer, return_scale)
+
+    def __call__(self, phase, epoch, epochs, step, test_return, loop=lambda: None):
+        """The end of `phase` epoch `epoch` of `epochs`, at x-axis `step`; `loop()` gives the day's acting state."""
+        if phase == "day":
+            self.dataset.save_new_steps(replay_dir(self.run_dir))
+        every = self.args.checkpoint_every
+        if not (epoch == epochs or (every and epoch % every == 0) or Checkpoints.signal):
+            return
+        progress = dict(phase=phase, epoch=epoch, step=step, test_return=test_return, replay_size=self.dataset.size)
+        state = run_state(*self.objects, self.args, progress, loop())
+        path = os.path.join(self.run_dir, "checkpoint.pt")
+        atomic_save(state, path, previous=os.path.join(self.run_dir, "checkpoint.prev.pt"))
+        Checkpoints.latest = path, f"{phase} epoch {epoch}/{epochs}"
+        if phase == "day" and epoch == epochs and self.args.save_day:
+            atomic_save(state, os.path.join(self.run_dir, "day.pt"))
+            print(f"day checkpoint: {os.path.join(self.run_dir, 'day.pt')}", flush=True)
+        if Checkpoints.signal:
+            print(f"{Checkpoints.signal}: stopped after {phase} epoch {epoch}/{epochs} with its checkpoint; run the "
+                  f"same command with --resume to continue", file=sys.stderr, flush=True)
+            raise SystemExit(PREEMPTED)
+
+
+def on_stop_signal(signum, frame):
+    """SIGTERM or SIGUSR1 (a cluster's preemption, scancel, a shutdown): checkpoint at the end of this epoch, then
+    exit with PREEMPTED. A second signal ends the run at once (its last checkpoint stays)."""
+    Checkpoints.signal = signal.Signals(signum).name
+    signal.signal(signum, signal.SIG_DFL)
+    print(f"{Checkpoints.signal}: the run stops at the end of this epoch, with a checkpoint", file=sys.stderr,
+          flush=True)
+
+
+def check_finite(losses, what, phase, epoch):
+    """Stop the run when a loss term is not finite, naming the terms; the last checkpoint, written before, stays."""
+    bad = [f"{k.removesuffix('_loss')} ({v})" for k, v in losses.items() if not math.isfinite(v)]
+    if bad:
+        raise SystemExit(f"error: the {what} loss is not finite at {phase} epoch {epoch}, in its terms "
+                         f"{', '.join(bad)}; the run stops, and its last checkpoint is kept")
+
+
+def check_disk(run_dir, args, wm, agent, day_to_run):
+    """Refuse a run directory without room for what the run will write: the day's real data (12.3 KB a real step,
+    less what is written already) and up to four checkpoints (the last, the one before, the one being written,
+    day.pt), each the weights and Adam's two moments."""
+    written = sum(os.path.getsize(os.path.join(replay_dir(run_dir), f)) for f in os.listdir(replay_dir(run_dir))) \
+        if os.path.isdir(replay_dir(run_dir)) else 0
+    step_bytes = sum(v.itemsize * math.prod(v.shape[2:]) for v in ReplayDataset(1, 1).data.values())
+    replay = max(0, step_bytes * args.day_epochs * args.day_steps - written) if day_to_run else 0
+    checkpoint = 3 * sum(p.numel() * p.element_size() for p in [*wm.parameters(), *agent.parameters()])
+    need, free = replay + 4 * checkpoint, shutil.disk_usage(run_dir).free
+    if free < need:
+        fail("--run-dir", f"{run_dir!r} has {free / 2**30:.2f} GiB free, and this run writes about "
+                          f"{need / 2**30:.2f} GiB (real data {replay / 2**30:.2f} GiB, checkpoints "
+                          f"{4 * checkpoint / 2**30:.2f} GiB); free some space or choose another --run-dir")
 
 
 def load_checkpoint(path, args):
@@ -838,9 +969,14 @@ def load_checkpoint(path, args):
     replay holds rewards shaped by the day's penalty and scale)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        saved = ckpt["args"]
+        saved, phase = ckpt["args"], ckpt["progress"]["phase"]
     except Exception as e:  # a file that is not a day checkpoint
         fail("--day-checkpoint", f"{path!r} is not a day checkpoint of these scripts ({e})")
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        fail("--day-checkpoint", f"{path!r} was written by an older version of these scripts (its real data in "
+                                 f"day_replay.pt); make it again with --save-day")
+    if phase != "day":
+        fail("--day-checkpoint", f"{path!r} was taken during a night; a night starts from a day's checkpoint (day.pt)")
     wrong = [f"--{k.replace('_', '-')} {saved.get(k)!r} (here {getattr(args, k)!r})"
              for k in DAY_FIELDS if saved.get(k) != getattr(args, k)]
     day_shaping = reward_shaping(replace(args, **{k: saved.get(k) for k in ("env_id", "penalty", "reward_scale")}))
@@ -848,22 +984,48 @@ def load_checkpoint(path, args):
               zip(("--penalty", "--reward-scale"), day_shaping, reward_shaping(args)) if was != now]
     if wrong:
         fail("--day-checkpoint", f"{path!r} was made with other settings; run with: " + ", ".join(wrong))
-    if needs_replay(args) and not os.path.isfile(replay_path(path)):
+    if needs_replay(args) and not os.path.isdir(replay_path(path)):
         fail("--day-checkpoint", f"this night learns from the day's real data, and {replay_path(path)!r} is missing "
                                  f"(a benchmark removes it once the nights that need it are done)")
     return ckpt
 
 
-def restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, capacity, replay=None):
-    """Load a day checkpoint into the run's objects; the dataset from the file `replay` (day_replay.pt) when the
-    night needs real data, else it stays empty."""
+def latest_checkpoint(run_dir, args):
+    """The last readable checkpoint of the run in `run_dir` (checkpoint.pt, else checkpoint.prev.pt, with a
+    warning), refused when the run was made with other flags; None when it has none yet."""
+    found = [path for path in (os.path.join(run_dir, name) for name in ("checkpoint.pt", "checkpoint.prev.pt"))
+             if os.path.exists(path)]
+    for path in found:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            saved = ckpt["args"]
+        except Exception as e:  # a file cut short or damaged
+            print(f"warning: cannot read {path} ({type(e).__name__}: {e}); trying the checkpoint before it",
+                  file=sys.stderr, flush=True)
+            continue
+        if ckpt.get("format") != CHECKPOINT_FORMAT:
+            fail("--resume", f"{path!r} was written by an older version of these scripts; start the run again")
+        wrong = [f"--{f.name.replace('_', '-')} {saved.get(f.name)!r} (here {getattr(args, f.name)!r})"
+                 for f in fields(args) if f.name not in RESUME_MAY_CHANGE and saved.get(f.name) != getattr(args, f.name)]
+        if wrong:
+            fail("--resume", f"the run in {run_dir!r} was made with other settings; resume it with: " + ", ".join(wrong))
+        return ckpt
+    if found:
+        fail("--resume", f"no checkpoint of {run_dir!r} can be read ({', '.join(found)}); remove them to start the run "
+                         f"again")
+    return None
+
+
+def restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, replay=None):
+    """Load a checkpoint into the run's objects, and from the replay directory `replay`, when given, the real data
+    it counts; returns its progress."""
     wm.load_state_dict(ckpt["world_model"])
     agent.load_state_dict(ckpt["agent"])
     wm_optimizer.load_state_dict(ckpt["wm_optimizer"])
     agent_optimizer.load_state_dict(ckpt["agent_optimizer"])
     return_scale.value = ckpt["return_scale"]
     if replay is not None:
-        dataset.load_state_dict(torch.load(replay, map_location="cpu", weights_only=False), capacity)
+        dataset.load(replay, ckpt["progress"]["replay_size"])
     random.setstate(ckpt["rng"]["python"])
     np.random.set_state(ckpt["rng"]["numpy"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -878,18 +1040,29 @@ class Logger:
 
     latest = None  # the Logger of the run in this process, for the line printed on Ctrl-C
 
-    def __init__(self, run_dir, args, total_epochs):
+    def __init__(self, run_dir, args, total_epochs, resumed=None):
+        """`resumed`: the progress of the checkpoint the run goes on from; what the run logged after it is purged
+        (TensorBoard's purge_step), so that the curves go on without a repeated or out-of-order point."""
         penalty, reward_scale = reward_shaping(args)
         params = dict(vars(args), penalty=penalty, reward_scale=reward_scale)  # the values in use, not None
         if args.track:
             import wandb
 
+            id_file = os.path.join(run_dir, "wandb_id")  # a resumed run goes on in the same W&B run
+            if not os.path.exists(id_file):
+                with open(id_file, "w") as f:
+                    f.write(wandb.util.generate_id())
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=params, name=os.path.basename(run_dir), save_code=True)
-        self.writer = SummaryWriter(run_dir)
-        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-            f"|{k}|{v}|" for k, v in params.items()))
-        self.start, self.epochs_done, self.total_epochs = time.time(), 0, total_epochs
+                       config=params, name=os.path.basename(run_dir), save_code=True, id=open(id_file).read(),
+                       resume="allow")
+        # --resume without a checkpoint starts again: whatever a killed first start logged goes (from step 0 on).
+        purge = None if not args.resume else resumed["step"] + 1 if resumed else 0
+        self.writer = SummaryWriter(run_dir, purge_step=purge)
+        if resumed is None:
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+                f"|{k}|{v}|" for k, v in params.items()))
+        self.start, self.total_epochs = time.time(), total_epochs
+        self.epochs_done = 0 if resumed is None else resumed["epochs_done"]
         self.last, self.seconds = self.start, {}  # the time of the last line; each phase's epoch durations
         Logger.latest = self
 
@@ -921,18 +1094,23 @@ class Logger:
             return "interrupted before the run started: nothing saved"
         log.writer.close()
         run_dir = log.writer.log_dir
-        checkpoint = os.path.join(run_dir, "day.pt")
-        if not os.path.exists(checkpoint):  # written whole or not at all (`atomic_save`)
-            return f"interrupted: no day checkpoint saved; the TensorBoard events so far are in {run_dir}"
-        return f"interrupted: the day checkpoint is saved, start the night with --day-checkpoint {checkpoint}"
+        if Checkpoints.latest is None:  # a checkpoint is written whole or not at all (`atomic_save`)
+            return f"interrupted: no checkpoint saved yet; the TensorBoard events so far are in {run_dir}"
+        path, when = Checkpoints.latest
+        return f"interrupted: the checkpoint of {when} is {path}; continue with --resume --run-dir {run_dir}"
 
 
 # %% day
-def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device):
+def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device, checkpoint=None,
+        resumed=None):
     """Algorithm 1 by day: S random seed episodes, then E_d epochs of U_w world-model updates, T_d real
-    steps with the agent acting on posterior states, a PPO update on them, and an evaluation."""
+    steps with the agent acting on posterior states, a PPO update on them, and an evaluation; `checkpoint` at the
+    end of each epoch. With `resumed` (a checkpoint of this day), the epochs after it, from the state it holds."""
     penalty, scale = reward_shaping(args)
     n, num_actions = args.num_envs, envs.action_space.n
+    if resumed is not None:
+        return acting_day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device,
+                          checkpoint, **resumed["loop"], **resumed["progress"])
     obs, is_first = envs.reset()["rgb"], np.ones(n, bool)
     score, seed_steps, episodes = np.zeros(n), 0, 0
     while episodes < args.seed_episodes or dataset.size < args.seq_len:
@@ -951,19 +1129,33 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
     # The x-axis counts the real steps of the day epochs (E_d T_d = 1M at the paper's size), not the seed episodes'.
     print(f"{seed_steps:,} real steps of {episodes} seed episodes (random actions), not counted on the x-axis",
           flush=True)
-    step, test_return = 0, None
-    for epoch in range(1, args.day_epochs + 1):
+    return acting_day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device,
+                      checkpoint, envs_state=None, obs=obs, is_first=is_first, score=score, h=h, z=z)
+
+
+def acting_day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device, checkpoint,
+               envs_state, obs, is_first, score, h, z, epoch=0, step=0, test_return=None, **progress):
+    """The day's epochs after `epoch`, the environments at `envs_state` (ProcGen's own; None: as they are), showing
+    `obs` (is_first where an episode starts), the agent at state (h, z), each episode's `score` so far."""
+    penalty, scale = reward_shaping(args)
+    n = args.num_envs
+    if envs_state is not None:
+        envs.env.set_state(envs_state)
+    h, z = h.to(device), z.to(device)
+    for epoch in range(epoch + 1, args.day_epochs + 1):
         t0 = time.time()
         wm_stats = []
         for _ in range(args.wm_updates):
             batch = to_torch(dataset.sample(args.wm_batch_size, args.seq_len, args.reward_seq_fraction), device)
             with autocast(device):
                 loss, metrics, _ = wm.loss(batch, args)
+            check_finite(metrics, "world-model", "day", epoch)  # before its step spoils the model
             wm_optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(wm.parameters(), args.wm_grad_clip)
             wm_optimizer.step()
             wm_stats.append(metrics)
+        wm_means = {k: float(np.mean([m[k] for m in wm_stats])) for k in wm_stats[0]}
         t1 = time.time()
         keys = ("states", "actions", "logprobs", "values", "rewards", "conts")
         traj, finished = {k: [] for k in keys}, []
@@ -990,11 +1182,11 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
             traj = stack_trajectory(traj, agent.value(state_features(h, z)))
         traj["weights"] = torch.ones_like(traj["rewards"])
         stats = train_agent(agent, agent_optimizer, return_scale, traj, args.day_gamma, args, device)
+        check_finite(stats, "agent", "day", epoch)
         step += args.day_steps
         sps = args.day_steps / (time.time() - t1)
         returns = evaluations(wm, agent, args, step, device)
         test_return = returns["test_return"]
-        wm_means = {k: float(np.mean([m[k] for m in wm_stats])) for k in wm_stats[0]}
         log.scalars("world_model", wm_means, step)
         log.scalars("losses", stats, step)
         log.scalars("charts", dict(**returns, SPS=sps, wm_update_seconds=(t1 - t0) / args.wm_updates), step)
@@ -1004,18 +1196,23 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
             train_text = f"{np.mean(finished):.2f}"
         log.progress("day", epoch, args.day_epochs, step,
                      f"test {test_return:.2f} train {train_text} wm_loss {wm_means['loss']:.1f} SPS {sps:.0f}")
+        if checkpoint is not None:
+            checkpoint("day", epoch, args.day_epochs, step, test_return, loop=lambda: dict(
+                envs_state=envs.env.get_state(), obs=obs, is_first=is_first, score=score, h=h.cpu(), z=z.cpu()))
     return dict(step=step, test_return=test_return)
 
 
 # %% night
-def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, step):
+def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, step, checkpoint=None, epoch=0):
     """Algorithm 1 by night: E_n epochs of B_a U_a dreams of H steps from the frozen world model, a PPO
-    update on them (gamma = 1 - 1/H, continuation-discounted), and an evaluation."""
+    update on them (gamma = 1 - 1/H, continuation-discounted), and an evaluation; `checkpoint` at the end of each
+    epoch. Resumed, the epochs after `epoch`."""
     wm.requires_grad_(False)
-    for group in agent_optimizer.param_groups:
-        group["lr"] = args.night_lr
+    if epoch == 0:  # a resumed night keeps the learning rates restored with its optimizer
+        for group in agent_optimizer.param_groups:
+            group["lr"] = args.night_lr
     n = args.agent_batch_size * args.agent_updates
-    for epoch in range(1, args.night_epochs + 1):
+    for epoch in range(epoch + 1, args.night_epochs + 1):
         t0 = time.time()
         with torch.no_grad(), autocast(device):
             if args.init_states == "random":
@@ -1024,6 +1221,7 @@ def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, 
                 h, z = collected_initial_states(wm, dataset, n, args)
         traj, dream_stats = imagine(wm, agent, h.float(), z.float(), args.horizon, args)
         stats = train_agent(agent, agent_optimizer, return_scale, traj, 1 - 1 / args.horizon, args, device)
+        check_finite(stats, "agent", "night", epoch)
         step += n * args.horizon
         sps = n * args.horizon / (time.time() - t0)
         returns = evaluations(wm, agent, args, step, device)
@@ -1035,11 +1233,13 @@ def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, 
         log.scalars("charts", dict(**returns, SPS=sps), step)
         log.progress("night", epoch, args.night_epochs, step,
                      f"test {test_return:.2f} dream reward {dream_stats['reward_mean']:.3f} SPS {sps:.0f}")
+        if checkpoint is not None:
+            checkpoint("night", epoch, args.night_epochs, step, test_return)
     return step
 
 
 def needs_replay(args):
-    """Whether this night learns from the day's real data (day_replay.pt): only from collected initial states."""
+    """Whether this night learns from the day's real data (replay/): only from collected initial states."""
     return args.init_states == "collected"
 
 
@@ -1047,7 +1247,7 @@ def needs_replay(args):
 def claim_run_dir(args):
     """The run's directory, made and taken before any work (a .lock file names this process): --run-dir, or a
     new runs/{env_id}__{exp_name}[_collected][_night]__{seed}__{time}[_k]. Refused when it already holds a run's
-    TensorBoard events, when a live run holds it, or when it cannot be written."""
+    TensorBoard events (but with --resume), when a live run holds it, or when it cannot be written."""
     path = args.run_dir
     try:
         if path is None:
@@ -1065,8 +1265,9 @@ def claim_run_dir(args):
             host, pid = open(lock).read().split()
             if host == socket.gethostname() and pid_alive(int(pid)):
                 fail("--run-dir", f"{path!r} is in use by another run (process {pid}); choose another --run-dir")
-        if glob.glob(os.path.join(path, "events.out.tfevents.*")):
-            fail("--run-dir", f"{path!r} already holds a run's TensorBoard events; choose another --run-dir or remove it")
+        if not args.resume and glob.glob(os.path.join(path, "events.out.tfevents.*")):
+            fail("--run-dir", f"{path!r} already holds a run's TensorBoard events; continue it with --resume, or choose "
+                              f"another --run-dir")
         with open(lock, "w") as f:
             f.write(f"{socket.gethostname()} {os.getpid()}")
     except OSError as e:
@@ -1089,6 +1290,7 @@ def main(args):
     check_args(args)
     ckpt = load_checkpoint(args.day_checkpoint, args) if args.day_checkpoint else None
     run_dir, lock = claim_run_dir(args)
+    resumed = latest_checkpoint(run_dir, args) if args.resume else None
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1100,16 +1302,39 @@ def main(args):
     wm = WorldModel(args, num_actions).to(device)
     agent = Agent(wm.feat_dim, num_actions, args).to(device)
     wm_optimizer = torch.optim.Adam(wm.parameters(), lr=args.day_lr)
-    agent_optimizer = torch.optim.Adam(agent.parameters(), lr=args.day_lr)
+    agent_optimizer = make_agent_optimizer(agent, args.day_lr)
     return_scale = ReturnScale(args.return_scale_decay)
     capacity = math.ceil((args.day_epochs * args.day_steps) / args.num_envs) + 1000
     dataset = ReplayDataset(args.num_envs, capacity)
-    log = Logger(run_dir, args, args.night_epochs + (0 if ckpt else args.day_epochs))
-    day_text = f"night only, from {args.day_checkpoint}" if ckpt else f"{args.day_epochs} day epochs of {args.day_steps} real steps"
+    progress = resumed["progress"] if resumed else dict(phase="night" if ckpt else "day", epoch=0)
+    phase, epoch = progress["phase"], progress["epoch"]
+    if resumed and epoch == (args.night_epochs if phase == "night" else args.day_epochs if not args.night_epochs else -1):
+        print(f"{run_dir}: the run is finished (its last checkpoint is the end of the {phase}); nothing to do")
+        return end_run(args, run_dir, lock, envs)
+    check_disk(run_dir, args, wm, agent, day_to_run=phase == "day")
+    if args.resume:  # the real data of the steps after the checkpoint (or all, with none) are made again
+        forget_steps_after(replay_dir(run_dir), progress.get("replay_size", 0))
+    if resumed:
+        own_replay = phase == "day" or (needs_replay(args) and ckpt is None)
+        replay = replay_dir(run_dir) if own_replay else replay_path(args.day_checkpoint) if needs_replay(args) else None
+        restore(resumed, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, replay)
+        resumed = dict(progress=progress, loop=resumed["loop"])  # the rest now lives in the run's objects
+        ckpt = None
+        Checkpoints.latest = os.path.join(run_dir, "checkpoint.pt"), f"{phase} epoch {epoch}"
+    total_epochs = args.night_epochs + (0 if args.day_checkpoint else args.day_epochs)
+    epochs_done = epoch + (args.day_epochs if phase == "night" and not args.day_checkpoint else 0)
+    log = Logger(run_dir, args, total_epochs,
+                 resumed=dict(step=progress["step"], epochs_done=epochs_done) if "step" in progress else None)
+    day_text = f"night only, from {args.day_checkpoint}" if args.day_checkpoint else \
+        f"{args.day_epochs} day epochs of {args.day_steps} real steps"
     print(f"{run_dir} on {device}: {day_text}, {args.night_epochs} night epochs of "
           f"{args.agent_batch_size * args.agent_updates} agent sequences of {args.horizon} steps", flush=True)
+    if "step" in progress:
+        print(f"resumed from the checkpoint of {phase} epoch {epoch} (step {progress['step']:,}, test return "
+              f"{progress['test_return']:.2f}): the epochs after it are redone", flush=True)
     bookkeeping = {"exp_name", "seed", "env_id", "cuda", "track", "wandb_project_name", "wandb_entity", "save_day",
-                   "day_checkpoint", "torch_deterministic", "dream_images_every", "run_dir", "eval_train_levels"}
+                   "day_checkpoint", "torch_deterministic", "dream_images_every", "run_dir", "eval_train_levels",
+                   "resume", "checkpoint_every"}
     changed = [f"--{f.name.replace('_', '-')}" for f in fields(args)
                if f.name not in bookkeeping and getattr(args, f.name) != f.default]
     if changed:
@@ -1117,27 +1342,38 @@ def main(args):
               f"`python {os.path.basename(__file__)} --env-id {args.env_id} --seed {args.seed}` (1M real steps "
               f"by day, about 1M dreamed by night; a GPU job)", flush=True)
 
-    if ckpt is None:
-        progress = day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device)
-        if args.save_day:
-            path = os.path.join(run_dir, "day.pt")
-            save_checkpoint(path, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, args, progress)
-            print(f"day checkpoint: {path}", flush=True)
-    else:
-        progress = restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, capacity,
+    checkpoint = Checkpoints(run_dir, args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset)
+    if phase == "day":
+        progress = day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device,
+                       checkpoint, resumed)
+        epoch = 0
+    elif ckpt is not None:  # a new night from a day checkpoint
+        progress = restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset,
                            replay_path(args.day_checkpoint) if needs_replay(args) else None)
         ckpt = None  # the dataset now lives in `dataset`: free the checkpoint's copy
         log.scalars("charts", dict(test_return=progress["test_return"]), progress["step"])
         print(f"night from {args.day_checkpoint}: day ended at step {progress['step']:,} with test return "
               f"{progress['test_return']:.2f}", flush=True)
-    night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, progress["step"])
-    envs.close()
+    night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, progress["step"], checkpoint, epoch)
     log.writer.close()
+    end_run(args, run_dir, lock, envs)
+
+
+def end_run(args, run_dir, lock, envs):
+    """Close the environments, drop what only a resume needed (the real data, unless --save-day keeps them for
+    nights; the checkpoint before the last) and free the run directory."""
+    envs.close()
+    if not args.save_day:
+        shutil.rmtree(replay_dir(run_dir), ignore_errors=True)
+    if os.path.exists(os.path.join(run_dir, "checkpoint.prev.pt")):
+        os.remove(os.path.join(run_dir, "checkpoint.prev.pt"))
     os.remove(lock)
 
 
 if __name__ == "__main__":
     cli_args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    signal.signal(signal.SIGUSR1, on_stop_signal)
     try:
         main(cli_args)
     except KeyboardInterrupt:

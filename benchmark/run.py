@@ -3,9 +3,10 @@
 It expands (games x seeds x methods) into runs: one day per (game, seed) (`--night-epochs 0 --save-day`),
 then each method's night from that day's checkpoint. Every run has a stable directory,
 OUT/{game}/{method}/seed{S} (the day under method `day`), holding its TensorBoard events, its log
-(log.txt) and, once it has exited with 0, a DONE marker. Running the same command again skips finished
-runs and redoes unfinished ones from scratch (their directory is emptied first), so an interrupted
-benchmark resumes where it stopped. A day that is (re)run invalidates its nights: they run again too.
+(log.txt) and, once it has exited with 0, a DONE marker. Every run is started with --resume: running the
+same command again skips finished runs and continues unfinished ones from their last checkpoint, so an
+interrupted benchmark goes on where it stopped (delete a run's directory to redo it from scratch). A day
+that is (re)run makes its nights run again too (a night already finished just says so).
 
 Settings come from the environment (the interface of the shell scripts) or the flags below:
 
@@ -16,15 +17,17 @@ Settings come from the environment (the interface of the shell scripts) or the f
   OUT      where runs (OUT/{game}/{method}/seed{S}) and figures (OUT/figures) go, default runs/benchmark
   DRY_RUN=1       print every command, one per line, and run nothing
   BACKEND  local (default) or slurm (submitit: one job per run, each night after its day with afterok;
-           SLURM_PARTITION, SLURM_TIME_MIN (default 240), SLURM_MEM_GB (default 32), SLURM_CPUS (default 8))
-  KEEP_REPLAY=1   keep each day's day_replay.pt (the real frames; ~12 GB at the paper's size). By default
+           SLURM_PARTITION, SLURM_TIME_MIN (default 240), SLURM_MEM_GB (default 32), SLURM_CPUS (default 8));
+           a job preempted or out of time is told to checkpoint (SIGUSR1) and requeued, and goes on from there
+  KEEP_REPLAY=1   keep each day's replay/ (the real frames; ~12 GB at the paper's size). By default
            it is deleted once every night that reads it (dreamer_collected and offline) has finished.
 
 Anything after `--` (the shell scripts pass their own arguments there) is added to every script's command,
 day and nights alike, e.g. `bash benchmark/fig3.sh --penalty 0`.
 
 A failed run is reported at the end and makes the exit status non-zero; the others go on, and the nights
-of a failed day are skipped (and reported). At the end the figures are drawn (benchmark/plot.py).
+of a failed day are skipped (and reported). A run stopped by SIGTERM or SIGUSR1 checkpoints and exits with 75:
+reported as stopped, it goes on at the next start. At the end the figures are drawn (benchmark/plot.py).
 """
 
 import argparse
@@ -33,6 +36,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -47,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 class Method(NamedTuple):
     script: str
     flags: tuple
-    reads_replay: bool  # the night trains on the day's real frames (day_replay.pt)
+    reads_replay: bool  # the night trains on the day's real frames (the day's replay/)
     label: str
 
 
@@ -78,7 +82,9 @@ PRESETS = {
               "--seed-episodes", "1", "--categoricals", "4", "--classes", "4", "--rnn-units", "32", "--cnn-depth",
               "4", "--mlp-units", "32", "--bins", "31", "--burn-in", "3", "--day-epochs", "2"), "2"),
 }
-REPLAY = "day_replay.pt"
+REPLAY = "replay"  # a day's real frames, beside its day.pt
+PREEMPTED = 75  # a script's exit status after SIGTERM or SIGUSR1 and its checkpoint
+SLURM_STOP_WAIT = 60  # seconds a preempted SLURM job gives its run to checkpoint (submitit signals 90 s ahead)
 DONE = "DONE"
 LOG = "log.txt"
 
@@ -117,11 +123,11 @@ def expand(games, seeds, methods, preset, extra, out):
     python = sys.executable
     days = {(g, s): Run(g, DAY, s, (python, str(ROOT / "dreamer_ppo.py"), "--env-id", g, "--seed", str(s), *sizes,
                                     *extra, "--night-epochs", "0", "--save-day", "--run-dir",
-                                    str(run_dir(out, g, DAY, s))), run_dir(out, g, DAY, s))
+                                    str(run_dir(out, g, DAY, s)), "--resume"), run_dir(out, g, DAY, s))
             for g in games for s in seeds}
     nights = [Run(g, m, s, (python, str(ROOT / METHODS[m].script), "--env-id", g, "--seed", str(s), *sizes,
                             *night_flags, *METHODS[m].flags, *extra, "--day-checkpoint", str(days[g, s].dir / "day.pt"),
-                            "--run-dir", str(run_dir(out, g, m, s))), run_dir(out, g, m, s), days[g, s])
+                            "--run-dir", str(run_dir(out, g, m, s)), "--resume"), run_dir(out, g, m, s), days[g, s])
               for g in games for s in seeds for m in methods]
     return [*days.values(), *nights]
 
@@ -134,22 +140,25 @@ def pending(runs):
 def drop_replay_if_unneeded(out, game, seed):
     """Delete the day's real frames once every night that reads them has finished."""
     if all((run_dir(out, game, m, seed) / DONE).exists() for m, method in METHODS.items() if method.reads_replay):
-        (run_dir(out, game, DAY, seed) / REPLAY).unlink(missing_ok=True)
+        shutil.rmtree(run_dir(out, game, DAY, seed) / REPLAY, ignore_errors=True)
 
 
-def execute(run, out, keep_replay, env=None, check=False):
-    """Run one script in an emptied directory, its output to log.txt; DONE on exit 0. Returns the exit code
-    (raises on failure with check=True, so that a SLURM job fails and cancels its nights)."""
-    shutil.rmtree(run.dir, ignore_errors=True)
-    run.dir.mkdir(parents=True)
+def execute(run, out, keep_replay, env=None, check=False, started=None):
+    """Run one script (it goes on from its checkpoint, if any), its output appended to log.txt; DONE on exit 0.
+    Returns the exit code (raises on failure with check=True, so that a SLURM job fails and cancels its nights).
+    `started` is called with the script's process."""
+    run.dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ if env is None else env)
     env.setdefault("OMP_NUM_THREADS", "1")  # torch's thread pools thrash when runs share cores
     env.setdefault("MKL_NUM_THREADS", "1")
     start = time.time()
-    with open(run.dir / LOG, "w") as log:
+    with open(run.dir / LOG, "a") as log:
         log.write(shlex.join(run.cmd) + "\n")
         log.flush()
-        code = subprocess.run(run.cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        proc = subprocess.Popen(run.cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if started is not None:
+            started(proc)
+        code = proc.wait()
     if code == 0:
         (run.dir / DONE).write_text(json.dumps(dict(cmd=list(run.cmd), seconds=round(time.time() - start, 1),
                                                     finished=time.strftime("%Y-%m-%d %H:%M:%S"))) + "\n")
@@ -192,7 +201,7 @@ def run_local(todo, out, workers, keep_replay):
         while queue or running:
             for run in [r for r in queue if r.day is not None and results.get(r.day, 0) != 0]:
                 queue.remove(run)
-                results[run] = f"skipped: its day {run.day.name} failed"
+                results[run] = f"skipped: its day {run.day.name} did not finish"
             ready = sorted((r for r in queue if r.day is None or r.day.done), key=lambda r: (r.day is None,
                                                                                             not reads_replay(r)))
             for run, slot in zip(ready, list(free_slots)):
@@ -210,8 +219,35 @@ def run_local(todo, out, workers, keep_replay):
                 free_slots.append(slot)
                 results[run] = future.result()
                 peak = max(peak, disk_usage(out))
-                print(f"{'done' if results[run] == 0 else 'FAILED':6} {run.name}", flush=True)
+                status = {0: "done", PREEMPTED: "STOPPED"}.get(results[run], "FAILED")
+                print(f"{status:7} {run.name}", flush=True)
     return results, peak
+
+
+class SlurmRun:
+    """One run as a submitit job. When SLURM is about to preempt the job or its time is up, submitit calls
+    `checkpoint`: the script is told (SIGUSR1) to checkpoint at the end of its epoch and exit, and the job is
+    requeued with the same command, which goes on from that checkpoint (--resume)."""
+
+    def __init__(self, run, out, keep_replay):
+        self.run, self.out, self.keep_replay, self.proc = run, out, keep_replay, None
+
+    def __call__(self):
+        return execute(self.run, self.out, self.keep_replay, check=True, started=lambda p: setattr(self, "proc", p))
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            try:
+                self.proc.wait(timeout=SLURM_STOP_WAIT)
+            except subprocess.TimeoutExpired:  # the last checkpoint stays; the run redoes the epochs after it
+                pass
+        return submitit.helpers.DelayedSubmission(SlurmRun(self.run, self.out, self.keep_replay))
+
+    def __getstate__(self):  # the process stays with this job; a requeued job starts its own
+        return dict(self.__dict__, proc=None)
 
 
 def run_slurm(todo, out, keep_replay, plot_cmd):
@@ -231,7 +267,7 @@ def run_slurm(todo, out, keep_replay, plot_cmd):
         after = [jobs[run.day].job_id] if run.day in jobs else []
         executor.update_parameters(name=run.name, slurm_additional_parameters=dict(
             dependency="afterok:" + ":".join(after), kill_on_invalid_dep="yes") if after else {})
-        jobs[run] = executor.submit(execute, run, out, keep_replay, None, True)
+        jobs[run] = executor.submit(SlurmRun(run, out, keep_replay))
         print(f"{jobs[run].job_id}  {run.name}", flush=True)
     executor.update_parameters(name="plots", gpus_per_node=0, timeout_min=60, slurm_additional_parameters=dict(
         dependency="afterany:" + ":".join(j.job_id for j in jobs.values())) if jobs else {})
@@ -300,7 +336,10 @@ def local(args, runs, plot_cmd):
           f"{len(failed)} failed or skipped; {workers} workers, {time.time() - start:.0f} s; peak disk of {args.out} "
           f"(at each run's end) {peak / 2**30:.2f} GiB, now {disk_usage(args.out) / 2**30:.2f} GiB")
     for run, code in failed.items():
-        print(f"FAILED {run.name}: " + (code if isinstance(code, str) else f"exit {code}, see {run.dir / LOG}"))
+        if code == PREEMPTED:
+            print(f"STOPPED {run.name}: by a signal, with its checkpoint; run the benchmark again to continue it")
+        else:
+            print(f"FAILED {run.name}: " + (code if isinstance(code, str) else f"exit {code}, see {run.dir / LOG}"))
     return 1 if failed or plotted else 0
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def make_models(args, seed=0):
 
 
 def make_optimizers(wm, agent, args):
-    return (torch.optim.Adam(wm.parameters(), lr=args.day_lr), torch.optim.Adam(agent.parameters(), lr=args.day_lr))
+    return torch.optim.Adam(wm.parameters(), lr=args.day_lr), dreamer_ppo.make_agent_optimizer(agent, args.day_lr)
 
 
 def is_onehot(z, atol=1e-6):

@@ -153,6 +153,24 @@ def test_ppo_update_follows_the_advantage(models):
     assert stats["policy_loss"] < 0  # positive advantages, ratios near 1
 
 
+def test_the_agent_optimizer_updates_as_one_adam(args, models):
+    """make_agent_optimizer keeps the actor's parameters (first) and the critic's in two groups, for the Offline
+    night's learning rates: the same PPO update as one Adam over all of them."""
+    wm, agent = models
+    _, twin = make_models(args)
+    grouped, single = dreamer_ppo.make_agent_optimizer(agent, 1e-3), torch.optim.Adam(twin.parameters(), lr=1e-3)
+    assert [list(group["params"]) for group in grouped.param_groups] == [list(agent.actor.parameters()),
+                                                                         list(agent.critic.parameters())]
+    batch = flat_batch(32, wm.feat_dim)
+    for model, optimizer in ((agent, grouped), (twin, single)):
+        torch.manual_seed(0)  # the same minibatches
+        ppo_update(model, optimizer, ReturnScale(args.return_scale_decay), dict(batch), 2, args, CPU)
+    _, start = make_models(args)
+    for p, q in zip(agent.parameters(), twin.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-7)
+    assert not torch.equal(agent.actor[0].weight, start.actor[0].weight)  # the update moved the actor
+
+
 def test_ppo_zero_weights_do_not_train(args, models):
     wm, agent = models
     batch = flat_batch(16, wm.feat_dim)

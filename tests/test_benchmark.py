@@ -4,6 +4,7 @@ scripts), the plotter on synthetic TensorBoard events of known means, and the wh
 import fcntl
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -58,7 +59,7 @@ def test_dry_run_days_then_their_nights(script, tmp_path):
     days, nights = runs[:2], runs[2:]
     assert [flag(c, "--seed") for c in days] == ["1", "2"]
     for day in days:
-        assert Path(day[1]).name == "dreamer_ppo.py" and day[-5:-2] == ["--night-epochs", "0", "--save-day"]
+        assert Path(day[1]).name == "dreamer_ppo.py" and day[-6:-3] == ["--night-epochs", "0", "--save-day"]
         assert flag(day, "--run-dir") == str(tmp_path / "coinrun" / "day" / f"seed{flag(day, '--seed')}")
     seen = []
     for night in nights:
@@ -70,8 +71,9 @@ def test_dry_run_days_then_their_nights(script, tmp_path):
         script, init_states = NIGHTS[method]
         assert Path(night[1]).name == script and flag(night, "--night-epochs") == "2"
         assert (flag(night, "--init-states") if init_states else "--init-states" not in night) == (init_states or True)
-        assert "--save-day" not in night and night[-4] == "--day-checkpoint"
+        assert "--save-day" not in night and night[-5] == "--day-checkpoint"
     assert sorted(seen) == sorted((m, s) for m in methods for s in ("1", "2"))
+    assert all(cmd[-1] == "--resume" for cmd in runs)  # an unfinished run goes on from its checkpoint
     for cmd in runs:  # the same tiny sizes by day and by night, then the extra flags, then the runner's own
         assert " ".join(SIZE_FLAGS) in " ".join(cmd) and flag(cmd, "--day-epochs") == "2"
         assert cmd.index("--bins") < cmd.index("--penalty") < len(cmd) - 5 and flag(cmd, "--env-id") == "coinrun"
@@ -85,7 +87,7 @@ def test_dry_run_defaults_are_the_papers(tmp_path):
     assert len(cmds) == 160 and sum("--save-day" in c for c in cmds) == 20
     assert {flag(c, "--env-id") for c in cmds} == {"coinrun", "caveflyer", "chaser", "plunder"}
     assert cmds[0][2:] == ["--env-id", "coinrun", "--seed", "1", "--night-epochs", "0", "--save-day", "--run-dir",
-                           str(tmp_path / "coinrun" / "day" / "seed1")]
+                           str(tmp_path / "coinrun" / "day" / "seed1"), "--resume"]
     collected = next(c for c in cmds if "collected" in c)
     assert collected[2:7] == ["--env-id", "coinrun", "--seed", "1", "--init-states"]
 
@@ -102,7 +104,7 @@ FAKE_SCRIPT = textwrap.dedent("""\
     from pathlib import Path
     a = sys.argv
     d = Path(a[a.index("--run-dir") + 1])
-    if d.exists() and any(f.name.startswith("events.out") for f in d.iterdir()):
+    if d.exists() and any(f.name.startswith("events.out") for f in d.iterdir()) and "--resume" not in a:
         sys.exit("refused: " + str(d) + " holds events")
     d.mkdir(parents=True, exist_ok=True)
     (d / "events.out.tfevents.fake").write_text("")
@@ -110,13 +112,16 @@ FAKE_SCRIPT = textwrap.dedent("""\
         calls.write(str(d) + "\\n")
     if "--save-day" in a:
         (d / "day.pt").write_text("weights")
-        (d / "day_replay.pt").write_text("frames")
+        (d / "replay").mkdir(exist_ok=True)
+        (d / "replay" / "0000000000.pt").write_text("frames")
     else:
         day = Path(a[a.index("--day-checkpoint") + 1])
         assert day.exists(), day
         if "collected" in a or "offline" in a[0]:
-            assert (day.parent / "day_replay.pt").exists(), "the replay was deleted too early"
-    sys.exit(1 if os.environ.get("FAIL") and os.environ["FAIL"] in str(d) else 0)
+            assert (day.parent / "replay").exists(), "the replay was deleted too early"
+    for code, name in ((1, "FAIL"), (75, "STOP")):  # a failure; a stop by SIGTERM after a checkpoint
+        if os.environ.get(name) and os.environ[name] in str(d):
+            sys.exit(code)
 """)
 
 
@@ -130,7 +135,7 @@ def fake(tmp_path, monkeypatch):
         (root / script).write_text(FAKE_SCRIPT)
     (root / "benchmark" / "plot.py").write_text("from pathlib import Path\nPath(__file__).with_name('plotted').touch()\n")
     monkeypatch.setattr(runner, "ROOT", root)
-    for name in ("ENVS", "SEEDS", "PRESET", "WORKERS", "DRY_RUN", "BACKEND", "KEEP_REPLAY", "FAIL"):
+    for name in ("ENVS", "SEEDS", "PRESET", "WORKERS", "DRY_RUN", "BACKEND", "KEEP_REPLAY", "FAIL", "STOP"):
         monkeypatch.delenv(name, raising=False)
     out = tmp_path / "out"
 
@@ -157,10 +162,10 @@ def test_failed_day_skips_its_nights_and_a_rerun_finishes(fake, capsys):
     code, ran = fake("fig3", "fig4", "fig5", FAIL="day/seed2")
     assert code == 1 and ran == sorted(names(["day", *ALL], ["1"]) + ["coinrun/day/seed2"])
     report = capsys.readouterr().out
-    assert "FAILED coinrun/day/seed2: exit 1" in report and report.count("skipped: its day coinrun/day/seed2 failed") == 7
+    assert "FAILED coinrun/day/seed2: exit 1" in report and report.count("skipped: its day coinrun/day/seed2 did not finish") == 7
     assert (fake.root / "benchmark" / "plotted").exists()  # the plots are drawn anyway
     day1 = fake.out / "coinrun" / "day" / "seed1"
-    assert (day1 / "day.pt").exists() and not (day1 / "day_replay.pt").exists()  # its data nights are done
+    assert (day1 / "day.pt").exists() and not (day1 / "replay").exists()  # its data nights are done
     assert not (fake.out / "coinrun" / "day" / "seed2" / "DONE").exists()
 
     code, ran = fake("fig3", "fig4", "fig5")  # the same command again: only what is unfinished
@@ -176,15 +181,22 @@ def test_failed_day_skips_its_nights_and_a_rerun_finishes(fake, capsys):
             fake("fig3")
 
 
-def test_unfinished_runs_are_redone_in_a_clean_dir(fake):
+def test_unfinished_runs_go_on_in_their_directory(fake, capsys):
+    """An unfinished run is started again in its directory with --resume (the script goes on from its checkpoint);
+    a run stopped by a signal (exit 75) is reported as stopped, and goes on at the next start."""
     fake("fig5")
     night = fake.out / "coinrun" / "rnd" / "seed1"
-    (night / "DONE").unlink()  # as if interrupted: events there, no marker
-    (night / "stale").write_text("")
+    (night / "DONE").unlink()  # as if interrupted: events and a checkpoint there, no marker
+    (night / "checkpoint.pt").write_text("")
     code, ran = fake("fig5")
-    assert code == 0 and ran == ["coinrun/rnd/seed1"] and not (night / "stale").exists() and (night / "DONE").exists()
+    assert code == 0 and ran == ["coinrun/rnd/seed1"] and (night / "checkpoint.pt").exists() and (night / "DONE").exists()
+    assert (night / "log.txt").read_text().count("--resume") == 2  # the log of each start, one after the other
 
-    (fake.out / "coinrun" / "day" / "seed2" / "DONE").unlink()  # a day redone: its nights come from a new day
+    (fake.out / "coinrun" / "day" / "seed2" / "DONE").unlink()  # a day run again: its nights run again
+    code, ran = fake("fig5", STOP="day/seed2")
+    assert code == 1 and ran == ["coinrun/day/seed2"]
+    report = capsys.readouterr().out
+    assert "STOPPED coinrun/day/seed2: by a signal, with its checkpoint; run the benchmark again" in report
     code, ran = fake("fig5")
     assert code == 0 and ran == names(["day", "rnd", "deepdream", "valdiv", "full"], ["2"])
 
@@ -192,7 +204,7 @@ def test_unfinished_runs_are_redone_in_a_clean_dir(fake):
 def test_replay_kept_until_its_last_data_night(fake):
     """fig5 reads no replay, so it stays for fig3's collected night and fig4's offline night; it goes once both
     are done (unless KEEP_REPLAY=1)."""
-    replay = fake.out / "coinrun" / "day" / "seed1" / "day_replay.pt"
+    replay = fake.out / "coinrun" / "day" / "seed1" / "replay"
     fake("fig5", seeds=("1",))
     assert replay.exists()
     fake("fig3", seeds=("1",))
@@ -219,8 +231,7 @@ def test_slurm_submits_nights_after_their_day(fake, monkeypatch, capsys):
             self.params.update(params)
 
         def submit(self, fn, *args, **kwargs):
-            submitted.append((args[0].name if args and isinstance(args[0], runner.Run) else "plots",
-                              dict(self.params)))
+            submitted.append((fn.run.name if isinstance(fn, runner.SlurmRun) else "plots", dict(self.params)))
             return Job(str(100 + len(submitted)))
 
     monkeypatch.setitem(sys.modules, "submitit", type(sys)("submitit"))
@@ -240,6 +251,25 @@ def test_slurm_submits_nights_after_their_day(fake, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "submitit", None)
     with pytest.raises(SystemExit, match="pip install"):
         fake("fig3", BACKEND="slurm")
+
+
+def test_a_preempted_slurm_job_has_its_run_checkpoint_then_requeues_it(monkeypatch, tmp_path):
+    """submitit calls checkpoint() before a preemption or the time limit: the script gets SIGUSR1 (it checkpoints
+    at the end of its epoch and exits 75) and the same run is submitted again (it goes on with --resume)."""
+    submitit = type(sys)("submitit")
+    submitit.helpers = type(sys)("submitit.helpers")
+    submitit.helpers.DelayedSubmission = lambda fn, *args: ("requeued", fn, args)
+    monkeypatch.setitem(sys.modules, "submitit", submitit)
+    run = runner.Run("coinrun", "rnd", 1, ("python", "dreamer_ppo_random.py", "--resume"), tmp_path)
+    job = runner.SlurmRun(run, str(tmp_path), False)
+    job.proc = subprocess.Popen([sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGUSR1, "
+                                 "lambda *a: sys.exit(75)); print('ready', flush=True); time.sleep(60)"],
+                                stdout=subprocess.PIPE, text=True)
+    assert job.proc.stdout.readline() == "ready\n"  # its handler is in place
+    kind, again, args = job.checkpoint()
+    assert job.proc.returncode == runner.PREEMPTED and kind == "requeued" and args == ()
+    assert isinstance(again, runner.SlurmRun) and again.run == run and again.proc is None
+    assert pickle.loads(pickle.dumps(job)).proc is None  # a job is pickled without its process
 
 
 # %% the plotter, on synthetic events

@@ -13,7 +13,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dreamer_ppo import (ReplayDataset, ReturnScale, atomic_save, check_args, claim_run_dir, load_checkpoint,
-                         random_initial_states, replay_path, restore, save_checkpoint)
+                         random_initial_states, replay_path, restore, run_state)
 from conftest import SIZE_FLAGS, crafted_dataset, finish, make_models, make_optimizers, random_batch, run_script, \
     tiny_args
 
@@ -29,6 +29,8 @@ from conftest import SIZE_FLAGS, crafted_dataset, finish, make_models, make_opti
     (dict(night_epochs=-1), "--night-epochs", ["-1"]),
     (dict(dream_images_every=-1), "--dream-images-every", ["-1"]),
     (dict(day_checkpoint="nowhere/day.pt"), "--day-checkpoint", ["nowhere/day.pt"]),
+    (dict(resume=True), "--resume", ["--run-dir"]),
+    (dict(checkpoint_every=-1), "--checkpoint-every", ["-1"]),
 ])
 def test_check_args_refuses_bad_input(changes, flag, words):
     with pytest.raises(SystemExit) as e:
@@ -77,6 +79,16 @@ def trained_state(args, seed):
     return wm, agent, wm_opt, agent_opt, scale
 
 
+def save_day(path, state, args, dataset=None, **progress):
+    """What the end of a day writes with --save-day: day.pt from `state` (models, optimizers, P), the replay
+    beside it."""
+    if dataset is not None:
+        dataset.save_new_steps(replay_path(path))
+    progress = {**dict(phase="day", epoch=args.day_epochs, step=0, test_return=0.0,
+                       replay_size=0 if dataset is None else dataset.size), **progress}
+    atomic_save(run_state(*state, args, progress), path)
+
+
 def outputs(wm, agent, args):
     """What the models compute on a fixed input."""
     g = torch.Generator().manual_seed(42)
@@ -94,7 +106,7 @@ def test_checkpoint_round_trip(tmp_path):
     random.seed(7)
     np.random.seed(7)
     torch.manual_seed(7)
-    save_checkpoint(path, wm, agent, wm_opt, agent_opt, scale, dataset, args, dict(step=345, test_return=2.5))
+    save_day(path, (wm, agent, wm_opt, agent_opt, scale), args, dataset, step=345, test_return=2.5)
     expected_rng = (torch.rand(3), np.random.rand(3), random.random())
     expected = outputs(wm, agent, args)
 
@@ -105,11 +117,11 @@ def test_checkpoint_round_trip(tmp_path):
     assert not torch.allclose(before["prior"], expected["prior"])
     assert scale2.value != scale.value
     torch.manual_seed(0)  # another RNG state than at saving
-    progress = restore(load_checkpoint(str(path), args), wm2, agent2, wm_opt2, agent_opt2, scale2, dataset2, 100,
+    progress = restore(load_checkpoint(str(path), args), wm2, agent2, wm_opt2, agent_opt2, scale2, dataset2,
                        replay_path(path))
     after_rng = (torch.rand(3), np.random.rand(3), random.random())
 
-    assert progress == dict(step=345, test_return=2.5)
+    assert progress == dict(phase="day", epoch=args.day_epochs, step=345, test_return=2.5, replay_size=30)
     assert torch.equal(after_rng[0], expected_rng[0])
     assert np.array_equal(after_rng[1], expected_rng[1]) and after_rng[2] == expected_rng[2]
     after = outputs(wm2, agent2, args)
@@ -117,8 +129,8 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(after[key], expected[key]), key
     assert scale2.value == scale.value
     assert dataset2.size == dataset.size == 30
-    for key, value in dataset.state_dict().items():
-        assert np.array_equal(dataset2.state_dict()[key], value), key
+    for key, value in dataset.steps().items():
+        assert np.array_equal(dataset2.steps()[key], value), key
     for a, b in ((wm_opt, wm_opt2), (agent_opt, agent_opt2)):
         sa, sb = a.state_dict()["state"], b.state_dict()["state"]
         assert sa.keys() == sb.keys() and len(sa) > 0
@@ -139,12 +151,13 @@ def test_checkpoint_stores_frames_as_raw_bytes(tmp_path):
     dataset = ReplayDataset(args.num_envs, 200)
     dataset.data["obs"][:] = np.random.default_rng(0).integers(0, 256, dataset.data["obs"].shape, dtype=np.uint8)
     dataset.size = 200
-    save_checkpoint(tmp_path / "day.pt", *trained_state(args, seed=0), dataset, args, dict(step=0, test_return=0.0))
+    save_day(tmp_path / "day.pt", trained_state(args, seed=0), args, dataset)
     frames = dataset.data["obs"].nbytes
-    assert frames < (tmp_path / "day_replay.pt").stat().st_size < 1.05 * frames + 2**20
+    assert frames < (tmp_path / "replay" / "0000000000.pt").stat().st_size < 1.05 * frames + 2**20
     # the frames live beside day.pt, so a night that does not need them never reads them
     assert (tmp_path / "day.pt").stat().st_size < 0.2 * frames
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["day.pt", "day_replay.pt"]  # no temporary file left
+    assert sorted(str(f.relative_to(tmp_path)) for f in tmp_path.rglob("*")) == [  # no temporary file left
+        "day.pt", "replay", "replay/0000000000.pt"]
 
 
 @pytest.mark.parametrize("changes, flag", [
@@ -158,15 +171,14 @@ def test_checkpoint_stores_frames_as_raw_bytes(tmp_path):
 def test_load_checkpoint_refuses_other_settings(tmp_path, changes, flag):
     args = tiny_args()
     path = tmp_path / "day.pt"
-    wm, agent, wm_opt, agent_opt, scale = trained_state(args, seed=0)
-    save_checkpoint(path, wm, agent, wm_opt, agent_opt, scale, crafted_dataset(steps=10), args, dict(step=1))
+    save_day(path, trained_state(args, seed=0), args, crafted_dataset(steps=10), step=1)
     with pytest.raises(SystemExit) as e:
         load_checkpoint(str(path), tiny_args(**changes))
     message = str(e.value)
     assert "--day-checkpoint" in message and flag in message
     # a checkpoint with the same sizes and shaping loads (other flags may differ; a flag that gives the value the
     # day resolved is the same shaping)
-    assert load_checkpoint(str(path), tiny_args(night_epochs=7, horizon=3, penalty=-10.0))["progress"] == dict(step=1)
+    assert load_checkpoint(str(path), tiny_args(night_epochs=7, horizon=3, penalty=-10.0))["progress"]["step"] == 1
 
 
 def test_load_checkpoint_refuses_other_files(tmp_path):
@@ -175,6 +187,19 @@ def test_load_checkpoint_refuses_other_files(tmp_path):
     with pytest.raises(SystemExit) as e:
         load_checkpoint(str(path), tiny_args())
     assert "--day-checkpoint" in str(e.value) and "notes.pt" in str(e.value)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(progress=dict(phase="night", epoch=1, step=9, test_return=0.0, replay_size=0)), ["during a night", "day.pt"]),
+    (dict(format=1), ["older version", "--save-day"]),
+])
+def test_load_checkpoint_refuses_a_night_or_an_old_checkpoint(tmp_path, change, words):
+    args = tiny_args()
+    save_day(tmp_path / "day.pt", trained_state(args, seed=0), args)
+    atomic_save({**torch.load(tmp_path / "day.pt", weights_only=False), **change}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit) as e:
+        load_checkpoint(str(tmp_path / "other.pt"), args)
+    assert "--day-checkpoint" in str(e.value) and all(word in str(e.value) for word in words)
 
 
 # %% whole runs
@@ -258,11 +283,12 @@ def test_day_and_night_run(day_runs, init):
     assert ckpt["args"]["init_states"] == init and ckpt["args"]["categoricals"] == 4
     assert ckpt["progress"]["step"] == day_end
     assert ckpt["progress"]["test_return"] == pytest.approx(test_return[DAY_EPOCHS - 1][1])
-    # the replay beside it holds the seed episodes and every day step of the 5 environments
-    replay = torch.load(run["run_dir"] / "day_replay.pt", weights_only=False)
+    # the replay beside it holds the seed episodes and every day step of the 5 environments, a chunk per day epoch
+    replay = ReplayDataset(5, 1)
+    replay.load(run["run_dir"] / "replay", ckpt["progress"]["replay_size"])
     seed_steps = int(next(line for line in run["out"].splitlines() if "seed episodes" in line).split()[0].replace(",", ""))
-    assert replay["obs"].shape[0] == 5 and seed_steps > 0
-    assert replay["size"] * 5 == seed_steps + day_end
+    assert seed_steps > 0 and replay.size * 5 == seed_steps + day_end
+    assert len(list((run["run_dir"] / "replay").iterdir())) == DAY_EPOCHS
 
 
 def test_night_only_from_a_day_checkpoint(day_runs, tmp_path):
@@ -282,7 +308,7 @@ def test_night_only_from_a_day_checkpoint(day_runs, tmp_path):
 
 
 def test_night_reads_the_replay_only_when_it_needs_real_data(day_runs, tmp_path):
-    """A night from random initial states runs without day_replay.pt; one from collected states refuses at once,
+    """A night from random initial states runs without the day's replay/; one from collected states refuses at once,
     naming the missing file."""
     day_dir = tmp_path / "day"
     day_dir.mkdir()
@@ -293,7 +319,7 @@ def test_night_reads_the_replay_only_when_it_needs_real_data(day_runs, tmp_path)
     assert len(scalars(tmp_path / "night")["charts/test_return"]) == 2
     code, out, err = finish(run_script(["--day-checkpoint", str(day_dir / "day.pt"), "--init-states", "collected",
                                         "--night-epochs", "1", "--run-dir", "collected", *SIZE_FLAGS], tmp_path))
-    assert code != 0 and "--day-checkpoint" in err and "day_replay.pt" in err and "missing" in err
+    assert code != 0 and "--day-checkpoint" in err and str(day_dir / "replay") in err and "missing" in err
     assert not (tmp_path / "collected").exists()
 
 

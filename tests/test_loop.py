@@ -78,7 +78,7 @@ def test_day_filters_every_real_frame_once(monkeypatch):
     # then 3 epochs of 8 / 2 = 4 steps: the agent acts on frames 8..19, each filtered once (frame 20, after
     # the last step, may or may not be)
     assert dataset.size == 8 + 3 * 4
-    assert (dataset.state_dict()["obs"][0, :, 0, 0, 0] == np.arange(20)).all()
+    assert (dataset.steps()["obs"][0, :, 0, 0, 0] == np.arange(20)).all()
     # the x-axis counts real steps of both environments, 8 per epoch, the 16 of the seed episodes left out
     assert [s for tag, s, _ in log.points if tag == "charts/test_return"] == [8, 16, 24]
     assert progress["step"] == 24

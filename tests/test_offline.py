@@ -152,7 +152,7 @@ def real_like_traj(agent, feat_dim, T, N, behaviour_logprobs, seed=0):
 def test_a_night_update_on_tiny_behaviour_probabilities_stays_finite():
     args = offline_args(update_epochs=2)
     wm, agent = make_models(args)
-    optimizer = offline.actor_critic_optimizer(agent, torch.optim.Adam(agent.parameters()), args.night_lr)
+    optimizer = offline.make_agent_optimizer(agent, args.night_lr)
     mu = torch.tensor([-1000.0, math.log(1e-30), -math.inf, -math.log(15)]).repeat(2)
     traj = real_like_traj(agent, wm.feat_dim, args.horizon, 8, mu)
     stats, offline_stats = offline.train_offline(agent, optimizer, dreamer_ppo.ReturnScale(0.99), traj, args, CPU)
@@ -167,7 +167,7 @@ def test_train_offline_optimizes_the_geppo_objective(monkeypatch):
     """The night's policy term is GePPO's, on the stored behaviour probabilities, in every minibatch."""
     args = offline_args()
     wm, agent = make_models(args)
-    optimizer = offline.actor_critic_optimizer(agent, torch.optim.Adam(agent.parameters()), args.night_lr)
+    optimizer = offline.make_agent_optimizer(agent, args.night_lr)
     traj = real_like_traj(agent, wm.feat_dim, args.horizon, 8, torch.tensor(-2.0))
     seen, geppo_loss = [], offline.geppo_loss
     monkeypatch.setattr(offline, "geppo_loss", lambda *a: seen.append(a[2]) or geppo_loss(*a))
@@ -187,7 +187,7 @@ def test_adapt_learning_rate():
 def test_train_offline_adapts_the_actor_learning_rate(night_lr, adapt, moves):
     args = offline_args(night_lr=night_lr, adapt_lr=adapt)
     wm, agent = make_models(args)
-    optimizer = offline.actor_critic_optimizer(agent, torch.optim.Adam(agent.parameters()), args.night_lr)
+    optimizer = offline.make_agent_optimizer(agent, args.night_lr)
     traj = real_like_traj(agent, wm.feat_dim, args.horizon, 8, torch.tensor(-math.log(15)))
     _, stats = offline.train_offline(agent, optimizer, dreamer_ppo.ReturnScale(0.99), traj, args, CPU)
     assert stats["actor_lr"] == night_lr
@@ -199,19 +199,6 @@ def test_train_offline_adapts_the_actor_learning_rate(night_lr, adapt, moves):
         assert stats["tv"] < args.tv_target / 2 and actor_lr == pytest.approx(night_lr * 1.03)
     else:
         assert actor_lr == night_lr
-
-
-def test_actor_critic_optimizer_keeps_the_adam_moments(args, models):
-    wm, agent = models
-    day_optimizer = torch.optim.Adam(agent.parameters(), lr=args.day_lr)
-    agent.value(torch.randn(4, wm.feat_dim)).sum().add(agent.actor(torch.randn(4, wm.feat_dim)).sum()).backward()
-    day_optimizer.step()
-    optimizer = offline.actor_critic_optimizer(agent, day_optimizer, 1e-4)
-    assert [list(g["params"]) for g in optimizer.param_groups] == [list(agent.actor.parameters()),
-                                                                   list(agent.critic.parameters())]
-    assert [g["lr"] for g in optimizer.param_groups] == [1e-4, 1e-4]
-    for p in agent.parameters():
-        assert optimizer.state[p]["exp_avg"] is day_optimizer.state[p]["exp_avg"]
 
 
 # %% the night's real sequences

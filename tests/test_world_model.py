@@ -210,22 +210,36 @@ def test_sample_reward_fraction_share(args):
 def test_dataset_grows_past_capacity_without_losing_data():
     dataset = crafted_dataset(num_envs=2, steps=37, capacity=3)
     assert dataset.size == 37
-    state = dataset.state_dict()
-    assert state["size"] == 37
+    state = dataset.steps()
     assert state["actions"].shape == (2, 37) and (state["actions"] == np.arange(37)).all()
     assert (state["obs"][:, :, 5, 5, 2] == np.arange(37)).all()
     assert state["rewards"][1, 20] == 5.0 and state["rewards"][0, 0] == 5.0
     assert state["is_first"][:, 0].all() and not state["is_first"][:, 1:].any()
-    # and reloads into a smaller or larger buffer with the same content
-    for capacity in (10, 100):
-        copy = ReplayDataset(2, 1)
-        copy.load_state_dict(state, capacity)
-        assert copy.size == 37
-        for k, v in copy.state_dict().items():
-            assert np.array_equal(v, state[k]), k
-        copy.add(obs=np.zeros((2, 64, 64, 3), np.uint8), actions=np.full(2, 99), rewards=np.zeros(2),
-                 conts=np.ones(2), is_first=np.zeros(2, bool), logprobs=np.zeros(2))
-        assert copy.size == 38 and (copy.state_dict()["actions"][:, :37] == np.arange(37)).all()
+
+
+def test_replay_on_disk_in_chunks_reloads_what_a_checkpoint_counts(tmp_path):
+    """The day appends each epoch's new steps as a chunk; a resumed run reloads the steps its checkpoint counted,
+    grows from there, and drops the chunks written after that checkpoint."""
+    full = crafted_dataset(num_envs=2, steps=30, capacity=30)
+    dataset = crafted_dataset(num_envs=2, steps=30, capacity=30)
+    for size in (10, 25, 25, 30):  # the ends of four epochs (the third added nothing); a checkpoint at 25
+        dataset.size = size
+        dataset.save_new_steps(tmp_path)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["0000000000.pt", "0000000010.pt", "0000000025.pt"]
+    resumed = ReplayDataset(2, 1)
+    resumed.load(tmp_path, 25)
+    assert resumed.size == resumed.saved == 25
+    for key, value in full.steps().items():
+        assert np.array_equal(resumed.steps()[key], value[:, :25]), key
+    dreamer_ppo.forget_steps_after(tmp_path, 25)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["0000000000.pt", "0000000010.pt"]
+    resumed.add(**{k: v[:, 25].numpy() for k, v in full.steps().items()})
+    resumed.save_new_steps(tmp_path)
+    assert (resumed.steps()["actions"] == np.arange(26)).all() and (tmp_path / "0000000025.pt").exists()
+    (tmp_path / "0000000010.pt").unlink()  # a chunk lost: the replay cannot hold what the checkpoint counts
+    with pytest.raises(SystemExit) as e:
+        ReplayDataset(2, 1).load(tmp_path, 25)
+    assert "holds 10 of the 25 steps" in str(e.value) and str(tmp_path) in str(e.value)
 
 
 def test_dreamerv3_gru_cell_by_hand():
