@@ -1009,11 +1009,28 @@ class Logger:
             f"|{k}|{v}|" for k, v in params.items()))
         self.start, self.epochs_done, self.total_epochs = time.time(), 0, total_epochs
         self.last, self.seconds = self.start, {}  # the time of the last line; each phase's epoch durations
+        self.phase_seconds = {}  # {phase: {part: seconds}}, from `times`
         Logger.latest = self
 
     def scalars(self, family, values, step):
         for key, value in values.items():
             self.writer.add_scalar(f"{family}/{key}", value, step)
+
+    def times(self, phase, seconds, step):
+        """An epoch's seconds in each part of it, as time/* scalars (with the peak GPU memory so far on CUDA),
+        added up per phase for `time_summary`."""
+        self.scalars("time", seconds, step)
+        if torch.cuda.is_initialized():
+            self.writer.add_scalar("time/peak_gpu_mem_gb", torch.cuda.max_memory_allocated() / 2**30, step)
+        totals = self.phase_seconds.setdefault(phase, {})
+        for key, value in seconds.items():
+            totals[key] = totals.get(key, 0.0) + value
+
+    def time_summary(self):
+        """The run's last line: the seconds spent in each part of each phase (from `times`), and the run's minutes."""
+        parts = [f"{phase}: " + ", ".join(f"{key} {value:.1f}" for key, value in totals.items())
+                 for phase, totals in self.phase_seconds.items()]
+        return f"time by phase (s): {'; '.join(parts)}; total {(time.time() - self.start) / 60:.1f} min"
 
     def progress(self, phase, epoch, epochs, step, text):
         """Print an epoch's line, with the time left in this phase from this phase's own mean epoch (without its
@@ -1107,10 +1124,13 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
         with torch.no_grad(), autocast(device):
             traj = stack_trajectory(traj, agent.value(state_features(h, z)))
         traj["weights"] = torch.ones_like(traj["rewards"])
+        t2 = time.time()
         stats = train_agent(agent, agent_optimizer, return_scale, traj, args.day_gamma, args, device)
         step += args.day_steps
         sps = args.day_steps / (time.time() - t1)
+        t3 = time.time()
         returns = evaluations(wm, agent, args, step, device)
+        log.times("day", dict(world_model=t1 - t0, acting=t2 - t1, ppo=t3 - t2, evaluation=time.time() - t3), step)
         test_return = returns["test_return"]
         wm_means = {k: float(np.mean([m[k] for m in wm_stats])) for k in wm_stats[0]}
         log.scalars("world_model", wm_means, step)
@@ -1135,10 +1155,13 @@ def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, 
     for epoch in range(1, args.night_epochs + 1):
         t0 = time.time()
         traj = offline_sequences(wm, agent, dataset, n, args, device)
+        t1 = time.time()
         stats, offline_stats = train_offline(agent, optimizer, return_scale, traj, args, device)
         step += n * args.horizon
         sps = n * args.horizon / (time.time() - t0)
+        t2 = time.time()
         returns = evaluations(wm, agent, args, step, device)
+        log.times("night", dict(sequences=t1 - t0, ppo=t2 - t1, evaluation=time.time() - t2), step)
         test_return = returns["test_return"]
         log.scalars("losses", stats, step)
         log.scalars("offline", offline_stats, step)
@@ -1242,6 +1265,7 @@ def main(args):
         print(f"night from {args.day_checkpoint}: day ended at step {progress['step']:,} with test return "
               f"{progress['test_return']:.2f}", flush=True)
     night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, progress["step"])
+    print(log.time_summary(), flush=True)
     envs.close()
     log.writer.close()
     os.remove(lock)

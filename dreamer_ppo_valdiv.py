@@ -731,13 +731,17 @@ def collected_initial_states(wm, dataset, n, args):
 def imagine(wm, agent, h, z, horizon, args):
     """Dream `horizon` steps from states (h, z) with the actor and the frozen world model: each state may
     first be transformed (`transform`), then a_t ~ pi(s_t), h_{t+1} = f(h_t, z_t, a_t), z_{t+1} ~ p(z | h_{t+1}),
-    and the heads predict r_{t+1} and c_{t+1}. Returns time-first tensors and dream statistics."""
+    and the heads predict r_{t+1} and c_{t+1}. Returns time-first tensors and dream statistics (with the seconds
+    spent in `transform`)."""
     keys = ("states", "actions", "logprobs", "values", "bootstrap_values", "rewards", "conts", "changed")
     traj = {k: [] for k in keys}
     moves = {k: [] for k in ("value_move", "h_move", "z_flip_frac")}
+    transform_seconds = 0.0
     for _ in range(horizon):
         h_in, z_in = h, z
+        start = time.time()
         h, z, changed = transform(h, z, wm, agent, args)
+        transform_seconds += time.time() - start
         s = state_features(h, z)
         with torch.no_grad(), autocast(h.device):
             action, logprob, _, _, value = agent.get_action_and_value(s)
@@ -762,7 +766,8 @@ def imagine(wm, agent, h, z, horizon, args):
     traj["weights"] = torch.cat([torch.ones_like(traj["conts"][:1]), traj["conts"][:-1].cumprod(0)])
     stats = dict(reward_mean=traj["rewards"].mean().item(), cont_mean=traj["conts"].mean().item(),
                  value_mean=traj["values"].mean().item(), transformed_frac=changed.float().mean().item(),
-                 **{k: torch.cat(v).mean().item() if v else 0.0 for k, v in moves.items()})
+                 **{k: torch.cat(v).mean().item() if v else 0.0 for k, v in moves.items()},
+                 transform_seconds=transform_seconds)
     return traj, stats
 
 
@@ -962,11 +967,28 @@ class Logger:
             f"|{k}|{v}|" for k, v in params.items()))
         self.start, self.epochs_done, self.total_epochs = time.time(), 0, total_epochs
         self.last, self.seconds = self.start, {}  # the time of the last line; each phase's epoch durations
+        self.phase_seconds = {}  # {phase: {part: seconds}}, from `times`
         Logger.latest = self
 
     def scalars(self, family, values, step):
         for key, value in values.items():
             self.writer.add_scalar(f"{family}/{key}", value, step)
+
+    def times(self, phase, seconds, step):
+        """An epoch's seconds in each part of it, as time/* scalars (with the peak GPU memory so far on CUDA),
+        added up per phase for `time_summary`."""
+        self.scalars("time", seconds, step)
+        if torch.cuda.is_initialized():
+            self.writer.add_scalar("time/peak_gpu_mem_gb", torch.cuda.max_memory_allocated() / 2**30, step)
+        totals = self.phase_seconds.setdefault(phase, {})
+        for key, value in seconds.items():
+            totals[key] = totals.get(key, 0.0) + value
+
+    def time_summary(self):
+        """The run's last line: the seconds spent in each part of each phase (from `times`), and the run's minutes."""
+        parts = [f"{phase}: " + ", ".join(f"{key} {value:.1f}" for key, value in totals.items())
+                 for phase, totals in self.phase_seconds.items()]
+        return f"time by phase (s): {'; '.join(parts)}; total {(time.time() - self.start) / 60:.1f} min"
 
     def progress(self, phase, epoch, epochs, step, text):
         """Print an epoch's line, with the time left in this phase from this phase's own mean epoch (without its
@@ -1060,10 +1082,13 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
         with torch.no_grad(), autocast(device):
             traj = stack_trajectory(traj, agent.value(state_features(h, z)))
         traj["weights"] = torch.ones_like(traj["rewards"])
+        t2 = time.time()
         stats = train_agent(agent, agent_optimizer, return_scale, traj, args.day_gamma, args, device)
         step += args.day_steps
         sps = args.day_steps / (time.time() - t1)
+        t3 = time.time()
         returns = evaluations(wm, agent, args, step, device)
+        log.times("day", dict(world_model=t1 - t0, acting=t2 - t1, ppo=t3 - t2, evaluation=time.time() - t3), step)
         test_return = returns["test_return"]
         wm_means = {k: float(np.mean([m[k] for m in wm_stats])) for k in wm_stats[0]}
         log.scalars("world_model", wm_means, step)
@@ -1094,10 +1119,14 @@ def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, 
             else:
                 h, z = collected_initial_states(wm, dataset, n, args)
         traj, dream_stats = imagine(wm, agent, h.float(), z.float(), args.horizon, args)
+        t1, transforming = time.time(), dream_stats.pop("transform_seconds")
         stats = train_agent(agent, agent_optimizer, return_scale, traj, 1 - 1 / args.horizon, args, device)
         step += n * args.horizon
         sps = n * args.horizon / (time.time() - t0)
+        t2 = time.time()
         returns = evaluations(wm, agent, args, step, device)
+        log.times("night", dict(dreaming=t1 - t0 - transforming, transformation=transforming, ppo=t2 - t1,
+                                evaluation=time.time() - t2), step)
         test_return = returns["test_return"]
         log.scalars("losses", stats, step)
         log.scalars("dream", dream_stats, step)
@@ -1202,6 +1231,7 @@ def main(args):
         print(f"night from {args.day_checkpoint}: day ended at step {progress['step']:,} with test return "
               f"{progress['test_return']:.2f}", flush=True)
     night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, progress["step"])
+    print(log.time_summary(), flush=True)
     envs.close()
     log.writer.close()
     os.remove(lock)
