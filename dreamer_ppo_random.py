@@ -515,7 +515,8 @@ class WorldModel(nn.Module):
         hs, zs, post, prior, trans = self.observe(batch["obs"], batch["actions"], batch["conts"], batch["is_first"],
                                                   frames)
         feat = torch.cat([hs, zs.flatten(2)], -1)
-        image = ((self.decoder(feat).float() - frames) ** 2).sum((-3, -2, -1)).mean()
+        steps = batch["actions"].numel()  # B x T
+        image = F.mse_loss(self.decoder(feat).float(), frames, reduction="sum") / steps  # summed over the pixels
         reward = twohot_loss(self.reward_head(trans), batch["rewards"][:, :-1], self.bins).mean()
         cont = F.binary_cross_entropy_with_logits(self.cont_head(trans).float().squeeze(-1), batch["conts"][:, :-1])
         kl = categorical_kl(post.detach(), prior)  # the value of KL(post || prior), its gradient to the prior only
