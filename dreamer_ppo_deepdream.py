@@ -391,8 +391,11 @@ class ConvEncoder(nn.Module):
         return self.convs(image)
 
     def forward(self, obs):
-        image = preprocess(obs)
-        return self.last_conv(image.reshape(-1, *image.shape[-3:])).reshape(*obs.shape[:-3], -1)
+        return self.embed(preprocess(obs))
+
+    def embed(self, image):
+        """Embeddings [..., out_dim] of preprocessed images [..., 3, 64, 64]."""
+        return self.last_conv(image.reshape(-1, *image.shape[-3:])).reshape(*image.shape[:-3], -1)
 
 
 class ConvDecoder(nn.Module):
@@ -411,6 +414,9 @@ class ConvDecoder(nn.Module):
 
     def forward(self, feat):
         x = self.linear(feat.reshape(-1, feat.shape[-1])).reshape(-1, self.depth * 8, 4, 4)
+        # Channels-last, as every later layer gets it (ChannelNorm's LayerNorm leaves it so): oneDNN's deconvolution
+        # is faster on it, the same numbers laid out otherwise.
+        x = x.contiguous(memory_format=torch.channels_last)
         return self.deconvs(x).reshape(*feat.shape[:-1], 3, 64, 64)
 
 
@@ -463,8 +469,8 @@ class WorldModel(nn.Module):
         return self.gru(self.gru_in(torch.cat([z.flatten(1), action], -1)).float(), h.float())
 
     def prior(self, h):
-        """Transition predictor p(z_t | h_t): probabilities [N, C, J]."""
-        return latent_probs(self.prior_net(h).reshape(-1, self.C, self.J), self.unimix)
+        """Transition predictor p(z_t | h_t): probabilities [..., C, J] for h [..., H]."""
+        return latent_probs(self.prior_net(h).reshape(*h.shape[:-1], self.C, self.J), self.unimix)
 
     def posterior(self, h, embed):
         """Encoder model q(z_t | h_t, o_t): probabilities [N, C, J]."""
@@ -481,50 +487,62 @@ class WorldModel(nn.Module):
         z = sample_onehot(self.posterior(h, self.encoder(obs)))
         return h, z
 
-    def observe(self, obs, actions, conts, is_first):
+    def observe(self, obs, actions, conts, is_first, image=None):
         """Posterior states of B sequences of T steps laid out as in Algorithm 1: step t holds o_t, a_t,
         r_{t+1}, c_{t+1}. Returns, per step, h and z, the posterior and prior probabilities, and the
         transition features (h_t, z_t) for t >= 1 that the reward and continue heads learn r_t and c_t
         from. ProcGen resets by itself, so after an episode ends (c_t = 0) the frame o_t belongs to the
-        next level: there z_t comes from the prior, as in a dream, and only then h is reset."""
+        next level: there z_t comes from the prior, as in a dream, and only then h is reset. `image` is
+        preprocess(obs) when the caller has it already."""
         B, T = actions.shape
-        embed = self.encoder(obs)
+        embed = self.encoder.embed(preprocess(obs) if image is None else image)
+        first = is_first.clone()
+        first[:, 0] = True
         h0 = self.initial(B)
-        prior0 = self.prior(h0[:1])
+        # Only h_t and z_t feed the recurrence. The posterior's first layer W [h_t, e_t] + b is W_h h_t + (W_e e_t + b),
+        # and the embeddings' share does not depend on h: it is computed once for all B x T steps, as are the
+        # priors p(z_t | h_t) after the loop.
+        w_h, w_e = self.post_net[0].weight.split([self.gru.hidden_size, embed.shape[-1]], 1)
+        embed_shares = F.linear(embed, w_e, self.post_net[0].bias).unbind(1)
         h, z = h0, None
-        hs, zs, posts, priors, trans = [], [], [], [], []
+        hs, zs, posts, h_preds = [], [], [], []
         for t in range(T):
-            first = is_first[:, t].reshape(B, 1) | (t == 0)
-            h_trans = h if t == 0 else self.recurrent(h, z, actions[:, t - 1])
-            prior_trans = self.prior(h_trans)
-            h = torch.where(first, h0, h_trans)
-            prior = torch.where(first.unsqueeze(-1), prior0, prior_trans)
-            post = self.posterior(h, embed[:, t])
+            h_pred = h0 if t == 0 else self.recurrent(h, z, actions[:, t - 1])  # f(h_{t-1}, z_{t-1}, a_{t-1})
+            h = torch.where(first[:, t, None], h0, h_pred)
+            post_logits = self.post_net[1:](F.linear(h, w_h) + embed_shares[t])
+            post = latent_probs(post_logits.reshape(B, self.C, self.J), self.unimix)
             z = sample_onehot(post)
-            if t > 0:
-                z_trans = torch.where(first.unsqueeze(-1), sample_onehot(prior_trans), z)
-                trans.append(torch.cat([h_trans, z_trans.flatten(1)], -1))
             hs.append(h)
             zs.append(z)
             posts.append(post)
-            priors.append(prior)
-        stack = lambda xs: torch.stack(xs, 1)  # noqa: E731
-        return stack(hs), stack(zs), stack(posts), stack(priors), stack(trans)
+            h_preds.append(h_pred)
+        hs, zs, posts, h_preds = (torch.stack(x, 1) for x in (hs, zs, posts, h_preds))
+        prior_preds = self.prior(h_preds)
+        priors = torch.where(first[:, :, None, None], self.prior(h0[:1]), prior_preds)
+        # Into a new episode, the transition's z is sampled from the prior: only there.
+        z_trans, new = zs[:, 1:].clone(), first[:, 1:]
+        z_trans[new] = sample_onehot(prior_preds[:, 1:][new])
+        return hs, zs, posts, priors, torch.cat([h_preds[:, 1:], z_trans.flatten(2)], -1)
 
     def loss(self, batch, args):
         """Eq. 1: image MSE (summed over pixels) + reward two-hot CE + continue BCE
         + beta_1 max(1, KL(sg(post) || prior)) + beta_2 max(1, KL(post || sg(prior))), averaged over steps."""
-        hs, zs, post, prior, trans = self.observe(batch["obs"], batch["actions"], batch["conts"], batch["is_first"])
+        frames = preprocess(batch["obs"])
+        hs, zs, post, prior, trans = self.observe(batch["obs"], batch["actions"], batch["conts"], batch["is_first"],
+                                                  frames)
         feat = torch.cat([hs, zs.flatten(2)], -1)
-        image = ((self.decoder(feat).float() - preprocess(batch["obs"])) ** 2).sum((-3, -2, -1)).mean()
+        steps = batch["actions"].numel()  # B x T
+        image = F.mse_loss(self.decoder(feat).float(), frames, reduction="sum") / steps  # summed over the pixels
         reward = twohot_loss(self.reward_head(trans), batch["rewards"][:, :-1], self.bins).mean()
         cont = F.binary_cross_entropy_with_logits(self.cont_head(trans).float().squeeze(-1), batch["conts"][:, :-1])
-        dyn = categorical_kl(post.detach(), prior).clamp(min=args.free_nats).mean()
+        kl = categorical_kl(post.detach(), prior)  # the value of KL(post || prior), its gradient to the prior only
+        dyn = kl.clamp(min=args.free_nats).mean()
         rep = categorical_kl(post, prior.detach()).clamp(min=args.free_nats).mean()
         loss = image + reward + cont + args.beta_dyn * dyn + args.beta_rep * rep
         metrics = dict(loss=loss, image_loss=image, reward_loss=reward, cont_loss=cont, dyn_loss=dyn, rep_loss=rep,
-                       kl=categorical_kl(post, prior).mean())
-        return loss, {k: v.item() for k, v in metrics.items()}, (hs.detach(), zs.detach())
+                       kl=kl.mean())
+        values = torch.stack(list(metrics.values())).tolist()  # one synchronisation with the GPU, not seven
+        return loss, dict(zip(metrics, values)), (hs.detach(), zs.detach())
 
 
 # %% dataset
@@ -754,13 +772,17 @@ def collected_initial_states(wm, dataset, n, args):
 def imagine(wm, agent, h, z, horizon, args):
     """Dream `horizon` steps from states (h, z) with the actor and the frozen world model: each state may
     first be transformed (`transform`), then a_t ~ pi(s_t), h_{t+1} = f(h_t, z_t, a_t), z_{t+1} ~ p(z | h_{t+1}),
-    and the heads predict r_{t+1} and c_{t+1}. Returns time-first tensors and dream statistics."""
+    and the heads predict r_{t+1} and c_{t+1}. Returns time-first tensors and dream statistics (with the seconds
+    spent in `transform`)."""
     keys = ("states", "actions", "logprobs", "values", "bootstrap_values", "rewards", "conts", "changed")
     traj = {k: [] for k in keys}
     moves = {k: [] for k in ("value_move", "h_move", "z_flip_frac")}
+    transform_seconds = 0.0
     for _ in range(horizon):
         h_in, z_in = h, z
+        start = time.time()
         h, z, changed = transform(h, z, wm, agent, args)
+        transform_seconds += time.time() - start
         s = state_features(h, z)
         with torch.no_grad(), autocast(h.device):
             action, logprob, _, _, value = agent.get_action_and_value(s)
@@ -785,7 +807,8 @@ def imagine(wm, agent, h, z, horizon, args):
     traj["weights"] = torch.cat([torch.ones_like(traj["conts"][:1]), traj["conts"][:-1].cumprod(0)])
     stats = dict(reward_mean=traj["rewards"].mean().item(), cont_mean=traj["conts"].mean().item(),
                  value_mean=traj["values"].mean().item(), transformed_frac=changed.float().mean().item(),
-                 **{k: torch.cat(v).mean().item() if v else 0.0 for k, v in moves.items()})
+                 **{k: torch.cat(v).mean().item() if v else 0.0 for k, v in moves.items()},
+                 transform_seconds=transform_seconds)
     return traj, stats
 
 
@@ -1120,11 +1143,28 @@ class Logger:
         self.start, self.total_epochs = time.time(), total_epochs
         self.epochs_done = 0 if resumed is None else resumed["epochs_done"]
         self.last, self.seconds = self.start, {}  # the time of the last line; each phase's epoch durations
+        self.phase_seconds = {}  # {phase: {part: seconds}}, from `times`
         Logger.latest = self
 
     def scalars(self, family, values, step):
         for key, value in values.items():
             self.writer.add_scalar(f"{family}/{key}", value, step)
+
+    def times(self, phase, seconds, step):
+        """An epoch's seconds in each part of it, as time/* scalars (with the peak GPU memory so far on CUDA),
+        added up per phase for `time_summary`."""
+        self.scalars("time", seconds, step)
+        if torch.cuda.is_initialized():
+            self.writer.add_scalar("time/peak_gpu_mem_gb", torch.cuda.max_memory_allocated() / 2**30, step)
+        totals = self.phase_seconds.setdefault(phase, {})
+        for key, value in seconds.items():
+            totals[key] = totals.get(key, 0.0) + value
+
+    def time_summary(self):
+        """The run's last line: the seconds spent in each part of each phase (from `times`), and the run's minutes."""
+        parts = [f"{phase}: " + ", ".join(f"{key} {value:.1f}" for key, value in totals.items())
+                 for phase, totals in self.phase_seconds.items()]
+        return f"time by phase (s): {'; '.join(parts)}; total {(time.time() - self.start) / 60:.1f} min"
 
     def progress(self, phase, epoch, epochs, step, text):
         """Print an epoch's line, with the time left in this phase from this phase's own mean epoch (without its
@@ -1237,11 +1277,14 @@ def acting_day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dat
         with torch.no_grad(), autocast(device):
             traj = stack_trajectory(traj, agent.value(state_features(h, z)))
         traj["weights"] = torch.ones_like(traj["rewards"])
+        t2 = time.time()
         stats = train_agent(agent, agent_optimizer, return_scale, traj, args.day_gamma, args, device)
         check_finite(stats, "agent", "day", epoch)
         step += args.day_steps
         sps = args.day_steps / (time.time() - t1)
+        t3 = time.time()
         returns = evaluations(wm, agent, args, step, device)
+        log.times("day", dict(world_model=t1 - t0, acting=t2 - t1, ppo=t3 - t2, evaluation=time.time() - t3), step)
         test_return = returns["test_return"]
         log.scalars("world_model", wm_means, step)
         log.scalars("losses", stats, step)
@@ -1276,11 +1319,15 @@ def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, 
             else:
                 h, z = collected_initial_states(wm, dataset, n, args)
         traj, dream_stats = imagine(wm, agent, h.float(), z.float(), args.horizon, args)
+        t1, transforming = time.time(), dream_stats.pop("transform_seconds")
         stats = train_agent(agent, agent_optimizer, return_scale, traj, 1 - 1 / args.horizon, args, device)
         check_finite(stats, "agent", "night", epoch)
         step += n * args.horizon
         sps = n * args.horizon / (time.time() - t0)
+        t2 = time.time()
         returns = evaluations(wm, agent, args, step, device)
+        log.times("night", dict(dreaming=t1 - t0 - transforming, transformation=transforming, ppo=t2 - t1,
+                                evaluation=time.time() - t2), step)
         test_return = returns["test_return"]
         log.scalars("losses", stats, step)
         log.scalars("dream", dream_stats, step)
@@ -1411,6 +1458,7 @@ def main(args):
         print(f"night from {args.day_checkpoint}: day ended at step {progress['step']:,} with test return "
               f"{progress['test_return']:.2f}", flush=True)
     night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, progress["step"], checkpoint, epoch)
+    print(log.time_summary(), flush=True)
     log.writer.close()
     end_run(args, run_dir, lock, envs)
 

@@ -48,14 +48,14 @@ COLORS = {DAY: "tab:blue", "dreamer_random": "tab:green", "dreamer_collected": "
 LABELS = {DAY: "day (shared)", **{m: method.label for m, method in METHODS.items()}}
 
 
-def read_run(path):
-    """{tag: (steps, values)} of a finished run, or None."""
+def read_run(path, tags=(TEST, TRAIN)):
+    """{tag: (steps, values)} of a finished run (every scalar tag for tags=None), or None."""
     if not (path / DONE).exists():
         return None
     events = EventAccumulator(str(path), size_guidance={"scalars": 0})
     events.Reload()
     return {tag: tuple(np.array(x) for x in zip(*[(e.step, e.value) for e in events.Scalars(tag)]))
-            for tag in (TEST, TRAIN) if tag in events.Tags()["scalars"]}
+            for tag in events.Tags()["scalars"] if tags is None or tag in tags}
 
 
 def load(out, games, seeds, methods):

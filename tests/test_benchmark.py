@@ -368,3 +368,32 @@ def test_all_at_tiny_size(tmp_path):
     table = (tmp_path / "figures" / "results.md").read_text()
     for method in runner.METHODS.values():
         assert row(table, method.label)[0] == "2/2" and "missing" not in row(table, method.label)[1]
+
+
+# %% speed.sh
+@pytest.mark.parametrize("script, night_parts", [("dreamer_ppo.py", ["dreaming", "transformation"]),
+                                                 ("dreamer_ppo_offline.py", ["sequences"])])
+def test_speed_table_at_tiny_size(tmp_path, script, night_parts):
+    """speed.sh runs two day and two night epochs of the script and prints every part of each phase from the
+    run's time/* scalars, and the rates derived from them (not their values: timings)."""
+    result = bash("speed", tmp_path, *SIZE_FLAGS, "--no-eval-train-levels", SCRIPT=script, EPOCHS="2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "(epochs: 2 day, 2 night)" in lines[1]
+    parts = [("day", p) for p in ("world_model", "acting", "ppo", "evaluation")]
+    parts += [("night", p) for p in (*night_parts, "ppo", "evaluation")]
+    rows = [line.split() for line in lines[2:2 + len(parts)]]
+    assert [tuple(r[:2]) for r in rows] == parts
+    assert all(float(r[2]) >= 0 for r in rows)
+    rates = {line.split(":")[0]: line.split(":")[1].split() for line in lines[2 + len(parts):]}
+    assert float(rates["seconds per world-model update"][0]) > 0
+    assert float(rates["real steps/s by day (acting)"][0]) > 0
+    night_rate = ("dreamed steps/s by night (dreaming and transformation)" if "dreaming" in night_parts
+                  else "real sequence steps/s by night (encoding)")
+    assert float(rates[night_rate][0]) > 0
+    assert rates["evaluation seconds"][0] == "day" and rates["evaluation seconds"][2] == "night"
+    assert "peak GPU memory" not in rates  # on the CPU
+    # the run's last line adds up each part of each phase
+    summary = (tmp_path / Path(script).stem / runner.LOG).read_text().strip().splitlines()[-1]
+    assert summary.startswith("time by phase (s): day: world_model ")
+    assert all(f" {p} " in summary for _, p in parts)

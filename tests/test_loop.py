@@ -48,6 +48,9 @@ class RecordingLog:
     def scalars(self, family, values, step):
         self.points += [(f"{family}/{k}", step, v) for k, v in values.items()]
 
+    def times(self, phase, seconds, step):
+        self.scalars("time", seconds, step)
+
     def progress(self, *args):
         pass
 

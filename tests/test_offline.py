@@ -295,11 +295,12 @@ def test_offline_night_runs(offline_runs, start):
     assert steps == [day_end + k * NIGHT_STEPS for k in range(NIGHT_EPOCHS + 1)]
     assert ("world_model/loss" in tags) == (start == "scratch")
     assert not any(tag.startswith("dream/") for tag in tags)
-    for tag in [f"offline/{t}" for t in OFFLINE_TAGS] + ["losses/policy_loss", "losses/value_loss", "charts/SPS"]:
-        night = [(s, v) for s, v in tags[tag] if s > day_end]  # losses and SPS are logged by day too
+    night_tags = [f"offline/{t}" for t in OFFLINE_TAGS] + ["losses/policy_loss", "losses/value_loss", "charts/SPS"]
+    for tag in night_tags + [f"time/{part}" for part in ("sequences", "ppo", "evaluation")]:
+        night = [(s, v) for s, v in tags[tag] if s > day_end]  # losses, SPS and times are logged by day too
         assert [s for s, _ in night] == steps[1:], tag
-        assert all(math.isfinite(v) for _, v in night), tag
-    assert all(tag.startswith(("charts/", "losses/", "world_model/", "offline/")) for tag in tags)
+        assert all(math.isfinite(v) and (v >= 0 or not tag.startswith("time/")) for _, v in night), tag
+    assert all(tag.startswith(("charts/", "losses/", "world_model/", "offline/", "time/")) for tag in tags)
     (_, lr1), (_, lr2) = tags["offline/actor_lr"]
     tv1 = tags["offline/tv"][0][1]
     assert lr1 == pytest.approx(1e-4)

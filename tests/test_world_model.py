@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dreamer_ppo
 from dreamer_ppo import ReplayDataset, reward_shaping, shape_reward
@@ -148,6 +149,86 @@ def test_loss_metrics_combine_as_eq1(args, models):
     assert m["reward_loss"] == pytest.approx(math.log(args.bins), rel=1e-5)
     # the image loss sums over the 3 x 64 x 64 pixels
     assert m["image_loss"] > 100
+
+
+def argmax_onehot(probs):
+    """sample_onehot with the sample replaced by the most likely class: deterministic, whatever the RNG."""
+    return F.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype) + (probs - probs.detach())
+
+
+def plain_loss(wm, batch, args):
+    """Eq. 1 written plainly, step by step: the prior and the posterior's whole first layer inside the recurrence,
+    a prior sample for every row at every step, the frames preprocessed twice, the decoder fed NCHW, the KL
+    computed three times. The loss and its metrics."""
+    obs, actions, is_first = batch["obs"], batch["actions"], batch["is_first"]
+    B, T = actions.shape
+    embed = wm.encoder(obs)
+    h0 = wm.initial(B)
+    prior0 = wm.prior(h0[:1])
+    h, z = h0, None
+    hs, zs, posts, priors, trans = [], [], [], [], []
+    for t in range(T):
+        first = is_first[:, t].reshape(B, 1) | (t == 0)
+        h_trans = h if t == 0 else wm.recurrent(h, z, actions[:, t - 1])
+        prior_trans = wm.prior(h_trans)
+        h = torch.where(first, h0, h_trans)
+        priors.append(torch.where(first.unsqueeze(-1), prior0, prior_trans))
+        posts.append(wm.posterior(h, embed[:, t]))
+        z = dreamer_ppo.sample_onehot(posts[-1])
+        if t > 0:
+            z_trans = torch.where(first.unsqueeze(-1), dreamer_ppo.sample_onehot(prior_trans), z)
+            trans.append(torch.cat([h_trans, z_trans.flatten(1)], -1))
+        hs.append(h)
+        zs.append(z)
+    hs, zs, post, prior = (torch.stack(x, 1) for x in (hs, zs, posts, priors))
+    trans = torch.stack(trans, 1) if trans else hs[:, :0, :0]  # (no transition in a sequence of one step)
+    feat = torch.cat([hs, zs.flatten(2)], -1).flatten(0, 1)
+    decoded = wm.decoder.deconvs(wm.decoder.linear(feat).reshape(-1, wm.decoder.depth * 8, 4, 4))
+    image = ((decoded.reshape(B, T, 3, 64, 64) - dreamer_ppo.preprocess(obs)) ** 2).sum((-3, -2, -1)).mean()
+    if trans.shape[1]:
+        reward = dreamer_ppo.twohot_loss(wm.reward_head(trans), batch["rewards"][:, :-1], wm.bins).mean()
+        cont = F.binary_cross_entropy_with_logits(wm.cont_head(trans).squeeze(-1), batch["conts"][:, :-1])
+    kl = dreamer_ppo.categorical_kl
+    dyn = kl(post.detach(), prior).clamp(min=args.free_nats).mean()
+    rep = kl(post, prior.detach()).clamp(min=args.free_nats).mean()
+    if not trans.shape[1]:
+        return dict(image_loss=image, dyn_loss=dyn, rep_loss=rep, kl=kl(post, prior).mean())
+    loss = image + reward + cont + args.beta_dyn * dyn + args.beta_rep * rep
+    return dict(loss=loss, image_loss=image, reward_loss=reward, cont_loss=cont, dyn_loss=dyn, rep_loss=rep,
+                kl=kl(post, prior).mean())
+
+
+@pytest.mark.parametrize("B, T, new_episode", [(2, 6, True), (3, 5, False)])
+def test_loss_and_gradients_match_the_plain_formulation(args, models, monkeypatch, B, T, new_episode):
+    # The update's faster paths (the posterior's embedding share and the priors outside the recurrence, a prior
+    # sample only into a new episode, ...) compute the same loss and gradients as the plain formulation. Samples
+    # are made deterministic: the faster path draws fewer of them, so the RNG could not line them up.
+    wm, _ = models
+    monkeypatch.setattr(dreamer_ppo, "sample_onehot", argmax_onehot)
+    batch = crafted_two_episodes() if new_episode else random_batch(B, T, seed=3)
+    batch["rewards"][:, 1] = 3.0  # a reward to predict: the reward head's loss has a gradient
+    plain = plain_loss(wm, batch, args)
+    plain["loss"].backward()
+    plain_grads = {name: p.grad.clone() for name, p in wm.named_parameters()}
+    wm.zero_grad()
+    loss, metrics, _ = wm.loss(batch, args)
+    loss.backward()
+    assert metrics == pytest.approx({k: v.item() for k, v in plain.items()}, rel=1e-5)
+    for name, p in wm.named_parameters():  # float32 sums in another order: within 1e-4 of each gradient's scale
+        assert (p.grad - plain_grads[name]).abs().max() <= 1e-4 * plain_grads[name].abs().max(), name
+    assert sum(g.abs().sum() for g in plain_grads.values()) > 0
+
+
+def test_observe_matches_the_plain_formulation_on_one_step(args, models, monkeypatch):
+    # Sequences of one step (collected initial states with --burn-in 0): no transition, z from the posterior.
+    wm, _ = models
+    monkeypatch.setattr(dreamer_ppo, "sample_onehot", argmax_onehot)
+    batch = random_batch(3, 1, seed=6)
+    plain = plain_loss(wm, batch, args)
+    hs, zs, posts, priors, trans = wm.observe(batch["obs"], batch["actions"], batch["conts"], batch["is_first"])
+    assert trans.shape == (3, 0, wm.feat_dim) and (hs == 0).all()
+    kl = dreamer_ppo.categorical_kl(posts, priors).mean()
+    assert kl.item() == pytest.approx(plain["kl"].item(), rel=1e-5)
 
 
 def test_world_model_loss_goes_down_on_real_frames(args, coinrun_dataset):
