@@ -1381,15 +1381,17 @@ def main(args):
     dataset = ReplayDataset(args.num_envs, capacity)
     progress = resumed["progress"] if resumed else dict(phase="night" if ckpt else "day", epoch=0)
     phase, epoch = progress["phase"], progress["epoch"]
-    if resumed and epoch == (args.night_epochs if phase == "night" else args.day_epochs if not args.night_epochs else -1):
+    finished = epoch == args.night_epochs if phase == "night" else epoch == args.day_epochs and not args.night_epochs
+    if resumed and finished:
         print(f"{run_dir}: the run is finished (its last checkpoint is the end of the {phase}); nothing to do")
         return end_run(args, run_dir, lock, envs)
     check_disk(run_dir, args, wm, agent, day_to_run=phase == "day")
     if args.resume:  # the real data of the steps after the checkpoint (or all, with none) are made again
         forget_steps_after(replay_dir(run_dir), progress.get("replay_size", 0))
     if resumed:
-        own_replay = phase == "day" or (needs_replay(args) and ckpt is None)
-        replay = replay_dir(run_dir) if own_replay else replay_path(args.day_checkpoint) if needs_replay(args) else None
+        replay = None  # the real data: this run's own, or a night-only run's day's, when the rest of the run needs them
+        if phase == "day" or needs_replay(args):
+            replay = replay_path(args.day_checkpoint) if args.day_checkpoint else replay_dir(run_dir)
         restore(resumed, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, replay)
         resumed = dict(progress=progress, loop=resumed["loop"])  # the rest now lives in the run's objects
         ckpt = None
@@ -1397,12 +1399,12 @@ def main(args):
     total_epochs = args.night_epochs + (0 if args.day_checkpoint else args.day_epochs)
     epochs_done = epoch + (args.day_epochs if phase == "night" and not args.day_checkpoint else 0)
     log = Logger(run_dir, args, total_epochs,
-                 resumed=dict(step=progress["step"], epochs_done=epochs_done) if "step" in progress else None)
+                 resumed=dict(step=progress["step"], epochs_done=epochs_done) if resumed else None)
     day_text = f"night only, from {args.day_checkpoint}" if args.day_checkpoint else \
         f"{args.day_epochs} day epochs of {args.day_steps} real steps"
     print(f"{run_dir} on {device}: {day_text}, {args.night_epochs} night epochs of "
           f"{args.agent_batch_size * args.agent_updates} agent sequences of {args.horizon} steps", flush=True)
-    if "step" in progress:
+    if resumed:
         print(f"resumed from the checkpoint of {phase} epoch {epoch} (step {progress['step']:,}, test return "
               f"{progress['test_return']:.2f}): the epochs after it are redone", flush=True)
     bookkeeping = {"exp_name", "seed", "env_id", "cuda", "track", "wandb_project_name", "wandb_entity", "save_day",
