@@ -32,6 +32,7 @@ episodes' uniform 1/15 included), pi_old the policy when the batch was drawn, pi
 """
 
 # %% imports
+import copy
 import glob
 import importlib.util
 import itertools
@@ -43,6 +44,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Annotated, Literal, Optional
@@ -147,8 +149,11 @@ class Args:
     and the Offline night's sequences start past this many real steps (not in the paper; = L, so the states
     carry at least the memory of those the world model learned from)"""
     eval_train_levels: bool = True
-    """also evaluate on the N training levels every epoch (charts/train_levels_return, the generalization gap;
-    not in the paper); --no-eval-train-levels saves that time"""
+    """also evaluate on the N training levels every epoch, in the same batch as the test episodes
+    (charts/train_levels_return, the generalization gap; not in the paper); --no-eval-train-levels saves that"""
+    eval_overlap: bool = True
+    """run each epoch's evaluation in a background thread, on a copy of the weights, while the next epoch trains
+    (not in the paper: the same returns, logged at the epoch they belong to); --no-eval-overlap waits for it"""
     dream_images_every: int = 10
     """log decoded dream states before and after their transformation every this many night epochs
     (Figure 2, for one's own runs); 0 never; the Offline script has no dreams and ignores it"""
@@ -361,9 +366,9 @@ def latent_probs(logits, unimix):
     return (1 - unimix) * logits.float().softmax(-1) + unimix / logits.shape[-1]
 
 
-def sample_onehot(probs):
-    """One-hot samples [..., C, J] with straight-through gradients."""
-    index = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:-1])
+def sample_onehot(probs, generator=None):
+    """One-hot samples [..., C, J] with straight-through gradients (from `generator`, or torch's global one)."""
+    index = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).reshape(probs.shape[:-1])
     sample = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
     return sample + (probs - probs.detach())
 
@@ -510,11 +515,11 @@ class WorldModel(nn.Module):
         """Reward r_t (decoded) and continuation probability c_t predicted from feat = (h_t, z_t)."""
         return twohot_decode(self.reward_head(feat), self.bins), torch.sigmoid(self.cont_head(feat).float()).squeeze(-1)
 
-    def filter_step(self, h, z, prev_action, obs, is_first):
+    def filter_step(self, h, z, prev_action, obs, is_first, generator=None):
         """One real step: the posterior state of frame `obs`, the agent's state s_t by day (Algorithm 1)."""
         first = is_first.reshape(-1, 1)
         h = torch.where(first, self.initial(len(obs)), self.recurrent(h, z, prev_action))
-        z = sample_onehot(self.posterior(h, self.encoder(obs)))
+        z = sample_onehot(self.posterior(h, self.encoder(obs)), generator)
         return h, z
 
     def observe(self, obs, actions, conts, is_first, image=None):
@@ -918,48 +923,115 @@ def train_offline(agent, optimizer, return_scale, traj, args, device):
 
 # %% evaluation
 @torch.no_grad()
-def evaluate(wm, agent, args, step, device, num_levels=0):
-    """Mean game score of the current policy, acting on posterior states with sampled actions, over
-    num_envs x test_repetitions episodes on the full level distribution (Table 2: 5 x 5; `num_levels` N for the
-    training levels instead), played side by side: the first episode of each of that many fresh environments
-    (the same statistic as 5 episodes in a row in each of 5 environments, without the wait: 3.6x faster at full
-    size on a GPU). ProcGen ignores resets, so every evaluation makes fresh environments, their levels drawn
-    from the seed and the step: no episode is counted half-played."""
+def evaluate(wm, agent, args, step, device):
+    """The returns logged after every epoch: test_return, the mean game score of the current policy (acting on
+    posterior states with sampled actions) over num_envs x test_repetitions episodes on the full level distribution
+    (Table 2: 5 x 5; the curve of Figures 3-5) and, with --eval-train-levels, train_levels_return, the same on the N
+    training levels. Each is the first episode of each of that many fresh environments, all played side by side in
+    one batch (the same statistic as 5 episodes in a row in each of 5 environments, without the wait). ProcGen
+    ignores resets, so every evaluation makes fresh environments, their levels drawn from the seed and the step: no
+    episode is counted half-played. Its random numbers (latent samples, actions) come from a generator of its own
+    seeded the same way: the returns do not depend on when it runs, and training's random numbers on whether it
+    ran (`Evaluator`)."""
     n = args.num_envs * args.test_repetitions
-    envs = make_env(args.env_id, n, num_levels, (args.seed * 1_000_003 + step) % 2**31)
-    obs = torch.as_tensor(envs.reset()["rgb"], device=device)
-    h, z = wm.initial(n), torch.zeros(n, wm.C, wm.J, device=device)
-    action, is_first = torch.zeros(n, dtype=torch.long, device=device), torch.ones(n, dtype=torch.bool, device=device)
-    score, first_scores = np.zeros(n), np.full(n, np.nan)
+    seed = (args.seed * 1_000_003 + step) % 2**31
+    levels = dict(test_return=0, train_levels_return=args.num_levels) if args.eval_train_levels else dict(
+        test_return=0)
+    envs = [make_env(args.env_id, n, num_levels, seed) for num_levels in levels.values()]
+    generator = torch.Generator(device).manual_seed(seed)
+    rows = n * len(envs)
+    obs = torch.as_tensor(np.concatenate([e.reset()["rgb"] for e in envs]), device=device)
+    h, z = wm.initial(rows), torch.zeros(rows, wm.C, wm.J, device=device)
+    action = torch.zeros(rows, dtype=torch.long, device=device)
+    is_first = torch.ones(rows, dtype=torch.bool, device=device)
+    score, first_scores = np.zeros(rows), np.full(rows, np.nan)
     while np.isnan(first_scores).any():
         with autocast(device):
-            h, z = wm.filter_step(h, z, action, obs, is_first)
-            action = agent.get_action_and_value(state_features(h, z))[0]
-        next_obs, reward, done, _ = envs.step(action.cpu().numpy())
+            h, z = wm.filter_step(h, z, action, obs, is_first, generator)
+            probs = agent.actor(state_features(h, z)).float().softmax(-1)
+            action = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        steps = [e.step(a) for e, a in zip(envs, np.split(action.cpu().numpy(), len(envs)))]
+        next_obs, reward, done = (np.concatenate(x) for x in zip(*[(o["rgb"], r, d) for o, r, d, _ in steps]))
         score += reward
         first_end = done & np.isnan(first_scores)
         first_scores[first_end] = score[first_end]
         score[done] = 0.0
-        obs = torch.as_tensor(next_obs["rgb"], device=device)
+        obs = torch.as_tensor(next_obs, device=device)
         is_first = torch.as_tensor(done, device=device)
-    envs.close()
-    return float(first_scores.mean())
+    for e in envs:
+        e.close()
+    return {name: float(scores.mean()) for name, scores in zip(levels, np.split(first_scores, len(envs)))}
 
 
-def evaluations(wm, agent, args, step, device):
-    """The returns logged after every epoch: test_return (full distribution; the curve of Figures 3-5) and, with
-    --eval-train-levels, train_levels_return, measured the same way on the N training levels."""
-    returns = dict(test_return=evaluate(wm, agent, args, step, device))
-    if args.eval_train_levels:
-        returns["train_levels_return"] = evaluate(wm, agent, args, step, device, args.num_levels)
-    return returns
+class Evaluator:
+    """Each epoch's evaluation (`evaluate`) and what is logged with it: its returns as charts/* at the epoch's step
+    and the epoch's line. With --eval-overlap it runs in a thread of its own, on a copy of the weights taken at the
+    epoch's end, while the next epoch trains (ProcGen and torch let go of the GIL while they work; on CUDA it has a
+    stream of its own); the returns are the same as without."""
+
+    def __init__(self, wm, agent, args, device, log):
+        self.args, self.device, self.log = args, device, log
+        self.pending = None  # (thread, its result, what to log with it)
+        self.test_return = None  # the last one logged
+        if args.eval_overlap:
+            self.wm, self.agent = (copy.deepcopy(m).requires_grad_(False) for m in (wm, agent))
+            self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def start(self, wm, agent, phase, epoch, epochs, step, text):
+        """Evaluate the policy of `phase` epoch `epoch` (of `epochs`) that ended at `step`; its line is "test
+        {return} {text}". Without --eval-overlap, at once; with it, in the background (after waiting for the one
+        before). Returns the seconds this thread spent on it (time/evaluation)."""
+        start = time.time()
+        self.finish()
+        if not self.args.eval_overlap:
+            self.log_returns(evaluate(wm, agent, self.args, step, self.device), phase, epoch, epochs, step, text)
+            return time.time() - start
+        self.wm.load_state_dict(wm.state_dict())  # the weights of this epoch's end, which training goes on from
+        self.agent.load_state_dict(agent.state_dict())
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the copies are made before it reads
+        result = {}
+        thread = threading.Thread(target=self.run, args=(step, result), daemon=True)
+        thread.start()
+        self.pending = thread, result, (phase, epoch, epochs, step, text)
+        return time.time() - start
+
+    def run(self, step, result):
+        """The background thread: `evaluate` on the copies, its returns (or its exception) and seconds in `result`."""
+        start = time.time()
+        try:
+            with torch.cuda.stream(self.stream):  # a no-op without a stream (CPU)
+                result["returns"] = evaluate(self.wm, self.agent, self.args, step, self.device)
+            if self.stream is not None:
+                self.stream.synchronize()
+        except BaseException as e:  # re-raised in the main thread by `finish`
+            result["error"] = e
+        result["seconds"] = time.time() - start
+
+    def finish(self):
+        """Wait for the evaluation under way (if any) and log it; the last test return logged."""
+        if self.pending is not None:
+            thread, result, epoch = self.pending
+            thread.join()
+            self.pending = None
+            if "error" in result:
+                raise result["error"]
+            self.log_returns(result["returns"], *epoch)
+            self.log.scalars("time", dict(evaluation_background=result["seconds"]), epoch[3])
+        return self.test_return
+
+    def log_returns(self, returns, phase, epoch, epochs, step, text):
+        self.test_return = returns["test_return"]
+        self.log.scalars("charts", returns, step)
+        self.log.progress(phase, epoch, epochs, step, f"test {self.test_return:.2f} {text}")
 
 
 # %% checkpoint
 CHECKPOINT_FORMAT = 2  # checkpoint.pt and day.pt as written here (format 1 held the real data in day_replay.pt)
 PREEMPTED = 75  # the exit status after SIGTERM or SIGUSR1 and its checkpoint: run the same command with --resume
 # The flags a resumed run may change: where and how it logs, not what it computes.
-RESUME_MAY_CHANGE = ("resume", "checkpoint_every", "run_dir", "cuda", "track", "wandb_project_name", "wandb_entity")
+RESUME_MAY_CHANGE = ("resume", "checkpoint_every", "run_dir", "cuda", "track", "wandb_project_name", "wandb_entity",
+                     "eval_overlap")
 
 
 def atomic_save(obj, path, previous=None):
@@ -1019,13 +1091,15 @@ class Checkpoints:
         self.objects = (wm, agent, wm_optimizer, agent_optimizer, return_scale)
 
     def __call__(self, phase, epoch, epochs, step, test_return, loop=lambda: None):
-        """The end of `phase` epoch `epoch` of `epochs`, at x-axis `step`; `loop()` gives the day's acting state."""
+        """The end of `phase` epoch `epoch` of `epochs`, at x-axis `step`; `test_return()` gives its test return (once
+        its evaluation is done: a checkpoint follows everything logged up to its step), `loop()` the day's acting
+        state."""
         if phase == "day":
             self.dataset.save_new_steps(replay_dir(self.run_dir))
         every = self.args.checkpoint_every
         if not (epoch == epochs or (every and epoch % every == 0) or Checkpoints.signal):
             return
-        progress = dict(phase=phase, epoch=epoch, step=step, test_return=test_return, replay_size=self.dataset.size)
+        progress = dict(phase=phase, epoch=epoch, step=step, test_return=test_return(), replay_size=self.dataset.size)
         state = run_state(*self.objects, self.args, progress, loop())
         path = os.path.join(self.run_dir, "checkpoint.pt")
         atomic_save(state, path, previous=os.path.join(self.run_dir, "checkpoint.prev.pt"))
@@ -1267,6 +1341,7 @@ def acting_day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dat
     if envs_state is not None:
         envs.env.set_state(envs_state)
     h, z = h.to(device), z.to(device)
+    evaluation = Evaluator(wm, agent, args, device, log)
     for epoch in range(epoch + 1, args.day_epochs + 1):
         t0 = time.time()
         wm_stats = []
@@ -1312,22 +1387,20 @@ def acting_day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dat
         step += args.day_steps
         sps = args.day_steps / (time.time() - t1)
         t3 = time.time()
-        returns = evaluations(wm, agent, args, step, device)
-        log.times("day", dict(world_model=t1 - t0, acting=t2 - t1, ppo=t3 - t2, evaluation=time.time() - t3), step)
-        test_return = returns["test_return"]
         log.scalars("world_model", wm_means, step)
         log.scalars("losses", stats, step)
-        log.scalars("charts", dict(**returns, SPS=sps, wm_update_seconds=(t1 - t0) / args.wm_updates), step)
+        log.scalars("charts", dict(SPS=sps, wm_update_seconds=(t1 - t0) / args.wm_updates), step)
         train_text = "-"
         if finished:
             log.scalars("charts", dict(train_return=float(np.mean(finished))), step)
             train_text = f"{np.mean(finished):.2f}"
-        log.progress("day", epoch, args.day_epochs, step,
-                     f"test {test_return:.2f} train {train_text} wm_loss {wm_means['loss']:.1f} SPS {sps:.0f}")
+        evaluating = evaluation.start(wm, agent, "day", epoch, args.day_epochs, step,
+                                      f"train {train_text} wm_loss {wm_means['loss']:.1f} SPS {sps:.0f}")
+        log.times("day", dict(world_model=t1 - t0, acting=t2 - t1, ppo=t3 - t2, evaluation=evaluating), step)
         if checkpoint is not None:
-            checkpoint("day", epoch, args.day_epochs, step, test_return, loop=lambda: dict(
+            checkpoint("day", epoch, args.day_epochs, step, evaluation.finish, loop=lambda: dict(
                 envs_state=envs.env.get_state(), obs=obs, is_first=is_first, score=score, h=h.cpu(), z=z.cpu()))
-    return dict(step=step, test_return=test_return)
+    return dict(step=step, test_return=evaluation.finish())
 
 
 # %% offline night
@@ -1341,6 +1414,7 @@ def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, 
         for group in agent_optimizer.param_groups:
             group["lr"] = args.night_lr
     n = args.agent_batch_size * args.agent_updates
+    evaluation = Evaluator(wm, agent, args, device, log)
     for epoch in range(epoch + 1, args.night_epochs + 1):
         t0 = time.time()
         traj = offline_sequences(wm, agent, dataset, n, args, device)
@@ -1350,17 +1424,16 @@ def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, 
         step += n * args.horizon
         sps = n * args.horizon / (time.time() - t0)
         t2 = time.time()
-        returns = evaluations(wm, agent, args, step, device)
-        log.times("night", dict(sequences=t1 - t0, ppo=t2 - t1, evaluation=time.time() - t2), step)
-        test_return = returns["test_return"]
         log.scalars("losses", stats, step)
         log.scalars("offline", offline_stats, step)
-        log.scalars("charts", dict(**returns, SPS=sps), step)
-        log.progress("night", epoch, args.night_epochs, step,
-                     f"test {test_return:.2f} TV {offline_stats['tv']:.3f} actor lr {offline_stats['actor_lr']:.2e} "
-                     f"SPS {sps:.0f}")
+        log.scalars("charts", dict(SPS=sps), step)
+        evaluating = evaluation.start(wm, agent, "night", epoch, args.night_epochs, step,
+                                      f"TV {offline_stats['tv']:.3f} actor lr {offline_stats['actor_lr']:.2e} "
+                                      f"SPS {sps:.0f}")
+        log.times("night", dict(sequences=t1 - t0, ppo=t2 - t1, evaluation=evaluating), step)
         if checkpoint is not None:
-            checkpoint("night", epoch, args.night_epochs, step, test_return)
+            checkpoint("night", epoch, args.night_epochs, step, evaluation.finish)
+    evaluation.finish()
     return step
 
 
@@ -1462,7 +1535,7 @@ def main(args):
               f"{progress['test_return']:.2f}): the epochs after it are redone", flush=True)
     bookkeeping = {"exp_name", "seed", "env_id", "cuda", "track", "wandb_project_name", "wandb_entity", "save_day",
                    "day_checkpoint", "torch_deterministic", "dream_images_every", "run_dir", "eval_train_levels",
-                   "resume", "checkpoint_every"}
+                   "resume", "checkpoint_every", "eval_overlap"}
     changed = [f"--{f.name.replace('_', '-')}" for f in fields(args)
                if f.name not in bookkeeping and getattr(args, f.name) != f.default]
     if changed:

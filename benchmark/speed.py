@@ -8,7 +8,8 @@ median seconds per epoch of each part of each phase, then:
 - real steps per second by day, over the acting alone (environment stepping, filtering, the policy),
 - steps per second by night over the dreaming and the transformation (the Offline night: over encoding its
   real sequences),
-- the evaluation's seconds, and the peak GPU memory on CUDA (time/peak_gpu_mem_gb).
+- the evaluation's own seconds (with --eval-overlap, the default, it runs alongside the next epoch: the table's
+  evaluation rows are then what the epochs waited for it), and the peak GPU memory on CUDA (time/peak_gpu_mem_gb).
 
 Settings from the environment: SCRIPT (default dreamer_ppo.py), EPOCHS (default 3), OUT (default runs/speed;
 the run goes to OUT/{script}, emptied first). The run's log is OUT/{script}/log.txt. Medians over few epochs:
@@ -75,8 +76,11 @@ def table(scalars):
     elif "time/sequences" in scalars:
         lines.append(f"real sequence steps/s by night (encoding): "
                      f"{night / median_at(scalars, 'time/sequences', night_steps):.0f}")
-    lines.append(f"evaluation seconds: day {median_at(scalars, 'time/evaluation', day_steps):.2f}, "
-                 f"night {median_at(scalars, 'time/evaluation', night_steps):.2f}")
+    own = "time/evaluation_background" if "time/evaluation_background" in scalars else "time/evaluation"
+    lines.append(f"evaluation seconds: day {median_at(scalars, own, day_steps):.2f}, "
+                 f"night {median_at(scalars, own, night_steps):.2f} ("
+                 + ("in the background; the epochs waited the evaluation rows" if "background" in own else
+                    "in the foreground") + ")")
     if "time/peak_gpu_mem_gb" in scalars:
         lines.append(f"peak GPU memory: {scalars['time/peak_gpu_mem_gb'][1].max():.2f} GiB")
     return lines

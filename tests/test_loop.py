@@ -1,9 +1,11 @@
 """Algorithm 1's loops in-process: what the day feeds the world model and the agent, and what an evaluation
 scores."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 import dreamer_ppo
@@ -37,6 +39,14 @@ class StampedEnv:
         pass
 
 
+class ActionRewardEnv(StampedEnv):
+    """A StampedEnv whose reward is the action taken: a score that follows the sampled actions."""
+
+    def step(self, action):
+        obs, _, done, info = super().step(action)
+        return obs, action.astype(np.float32), done, info
+
+
 def frame_number(obs):
     return int(obs[0, 0, 0, 0]) + 256 * int(obs[0, 0, 0, 1])
 
@@ -67,10 +77,10 @@ def test_day_filters_every_real_frame_once(monkeypatch):
     filtered = []
     filter_step = wm.filter_step
 
-    def recording_filter_step(h, z, prev_action, obs, is_first):
+    def recording_filter_step(h, z, prev_action, obs, is_first, generator=None):
         if int(obs[0, 0, 0, 2]) == 0:  # a training frame (evaluation uses the test env)
             filtered.append(frame_number(obs))
-        return filter_step(h, z, prev_action, obs, is_first)
+        return filter_step(h, z, prev_action, obs, is_first, generator)
 
     monkeypatch.setattr(wm, "filter_step", recording_filter_step)
     dataset = dreamer_ppo.ReplayDataset(args.num_envs, 100)
@@ -114,8 +124,9 @@ class EpisodeProbe:
 
 def test_evaluation_scores_whole_episodes_of_the_current_policy(monkeypatch):
     # Each evaluation reports the mean score of num_envs x test_repetitions whole episodes, one in each of that
-    # many fresh test environments, on the full level distribution. ProcGen ignores a manual reset mid-episode:
-    # an evaluation must not count an episode found under way (begun by an earlier policy, partly scored).
+    # many fresh environments, on the full level distribution (test_return) and on the N training levels
+    # (train_levels_return), played in one batch. ProcGen ignores a manual reset mid-episode: an evaluation must not
+    # count an episode found under way (begun by an earlier policy, partly scored).
     args = tiny_args(num_envs=3, test_repetitions=2)
     wm, agent = make_models(args)
     made, make_env = [], dreamer_ppo.make_env
@@ -127,12 +138,78 @@ def test_evaluation_scores_whole_episodes_of_the_current_policy(monkeypatch):
 
     monkeypatch.setattr(dreamer_ppo, "make_env", probed_make_env)
     for step in (100, 200):
-        score = dreamer_ppo.evaluate(wm, agent, args, step, CPU)
-        # the mean of six coinrun scores (0 or 10), one per environment
-        assert abs(score * 6 / 10 - round(score * 6 / 10)) < 1e-9 and 0 <= score <= 10
+        returns = dreamer_ppo.evaluate(wm, agent, args, step, CPU)
+        assert set(returns) == {"test_return", "train_levels_return"}
+        for score in returns.values():  # the mean of six coinrun scores (0 or 10), one per environment
+            assert abs(score * 6 / 10 - round(score * 6 / 10)) < 1e-9 and 0 <= score <= 10
     probes = [m["probe"] for m in made]
-    assert probes, "evaluate made no environment through make_env"
+    assert len(probes) == 4, "evaluate made its environments elsewhere than through make_env"
     assert all(p.num_envs == 6 and (p.whole >= 1).all() for p in probes), [p.whole for p in probes]
-    assert made[0]["seed"] != made[1]["seed"]  # other levels at each evaluation
-    assert all(m["num_levels"] == 0 for m in made)  # the full distribution
+    assert [m["num_levels"] for m in made] == [0, args.num_levels] * 2  # the full distribution, the training levels
+    assert made[0]["seed"] == made[1]["seed"] != made[2]["seed"] == made[3]["seed"]  # other levels at each step
     assert all(p.closed for p in probes)
+    made.clear()
+    assert set(dreamer_ppo.evaluate(wm, agent, replace(args, eval_train_levels=False), 100, CPU)) == {"test_return"}
+    assert [m["num_levels"] for m in made] == [0]
+
+
+def action_reward_envs(monkeypatch):
+    """Evaluations on ActionRewardEnvs (episodes of 4 steps): their returns follow every action sampled."""
+    monkeypatch.setattr(dreamer_ppo, "make_env",
+                        lambda env_id, num_envs, num_levels, seed: ActionRewardEnv(num_envs, length=4, tag=1))
+
+
+def test_evaluation_draws_its_own_random_numbers(monkeypatch):
+    # evaluate samples latents and actions from a generator of its own, seeded by the seed and the step: the same
+    # returns whatever torch's global generator holds (whenever it runs, in the background or not), and the global
+    # generator untouched (training's random numbers do not depend on the evaluation).
+    action_reward_envs(monkeypatch)
+    args = tiny_args(num_envs=3, test_repetitions=2)
+    wm, agent = make_models(args)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    first = dreamer_ppo.evaluate(wm, agent, args, 100, CPU)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)
+    assert dreamer_ppo.evaluate(wm, agent, args, 100, CPU) == first
+    assert dreamer_ppo.evaluate(wm, agent, args, 200, CPU) != first  # other random numbers at another step
+
+
+def charts(log):
+    return [point for point in log.points if point[0].startswith("charts/")]
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_an_epochs_evaluation_scores_the_weights_at_its_end(monkeypatch, overlap):
+    # With --eval-overlap the evaluation runs in a thread while the next epoch trains: it scores a copy of the
+    # weights of the epoch it belongs to, not the weights training changes under it, and its returns are logged at
+    # that epoch's step once it is done. Without, at once. The same returns either way.
+    action_reward_envs(monkeypatch)
+    args = tiny_args(num_envs=3, test_repetitions=2, eval_overlap=overlap)
+    wm, agent = make_models(args)
+    expected = dreamer_ppo.evaluate(wm, agent, args, 100, CPU)
+    log = RecordingLog()
+    evaluation = dreamer_ppo.Evaluator(wm, agent, args, CPU, log)
+    seconds = evaluation.start(wm, agent, "day", 1, 2, 100, "train -")
+    assert seconds >= 0
+    assert bool(charts(log)) is not overlap  # logged at once, or once it is done
+    with torch.no_grad():  # the next epoch trains: the policy now always takes action 0 (reward 0)
+        agent.actor[-1].weight.zero_()
+        agent.actor[-1].bias.copy_(torch.arange(15, 0, -1.0) * 10)
+    assert dreamer_ppo.evaluate(wm, agent, args, 100, CPU)["test_return"] == 0.0 != expected["test_return"]
+    assert evaluation.finish() == expected["test_return"]
+    assert sorted(charts(log)) == sorted((f"charts/{k}", 100, v) for k, v in expected.items())
+    assert evaluation.finish() == expected["test_return"] and len(charts(log)) == 2  # nothing logged twice
+
+
+def test_an_error_in_the_background_evaluation_reaches_the_run(monkeypatch):
+    def no_environments(*args):
+        raise RuntimeError("no environments here")
+
+    monkeypatch.setattr(dreamer_ppo, "make_env", no_environments)
+    args = tiny_args(eval_overlap=True)
+    wm, agent = make_models(args)
+    evaluation = dreamer_ppo.Evaluator(wm, agent, args, CPU, RecordingLog())
+    evaluation.start(wm, agent, "night", 1, 2, 100, "")
+    with pytest.raises(RuntimeError, match="no environments here"):
+        evaluation.finish()
