@@ -904,8 +904,7 @@ def evaluate(wm, agent, args, step, device):
     ran (`Evaluator`)."""
     n = args.num_envs * args.test_repetitions
     seed = (args.seed * 1_000_003 + step) % 2**31
-    levels = dict(test_return=0, train_levels_return=args.num_levels) if args.eval_train_levels else dict(
-        test_return=0)
+    levels = dict(test_return=0, **(dict(train_levels_return=args.num_levels) if args.eval_train_levels else {}))
     envs = [make_env(args.env_id, n, num_levels, seed) for num_levels in levels.values()]
     generator = torch.Generator(device).manual_seed(seed)
     rows = n * len(envs)

@@ -79,7 +79,7 @@ def table(scalars):
     own = "time/evaluation_background" if "time/evaluation_background" in scalars else "time/evaluation"
     lines.append(f"evaluation seconds: day {median_at(scalars, own, day_steps):.2f}, "
                  f"night {median_at(scalars, own, night_steps):.2f} ("
-                 + ("in the background; the epochs waited the evaluation rows" if "background" in own else
+                 + ("in the background; the evaluation rows above are the epochs' waits" if "background" in own else
                     "in the foreground") + ")")
     if "time/peak_gpu_mem_gb" in scalars:
         lines.append(f"peak GPU memory: {scalars['time/peak_gpu_mem_gb'][1].max():.2f} GiB")
