@@ -909,10 +909,10 @@ class Evaluator:
     epoch's end, while the next epoch trains (ProcGen and torch let go of the GIL while they work; on CUDA it has a
     stream of its own); the returns are the same as without."""
 
-    def __init__(self, wm, agent, args, device, log):
+    def __init__(self, wm, agent, args, device, log, test_return=None):
         self.args, self.device, self.log = args, device, log
         self.pending = None  # (thread, its result, what to log with it)
-        self.test_return = None  # the last one logged
+        self.test_return = test_return  # the last one logged (before the first: a resumed run's, given)
         if args.eval_overlap:
             self.wm, self.agent = (copy.deepcopy(m).requires_grad_(False) for m in (wm, agent))
             self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -1281,7 +1281,7 @@ def acting_day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dat
     if envs_state is not None:
         envs.env.set_state(envs_state)
     h, z = h.to(device), z.to(device)
-    evaluation = Evaluator(wm, agent, args, device, log)
+    evaluation = Evaluator(wm, agent, args, device, log, test_return)
     for epoch in range(epoch + 1, args.day_epochs + 1):
         t0 = time.time()
         wm_stats = []

@@ -99,6 +99,20 @@ def test_day_filters_every_real_frame_once(monkeypatch):
     assert filtered == sorted(set(filtered)), f"frames filtered (a repeat is a frame filtered twice): {filtered}"
 
 
+def test_a_day_resumed_at_its_end_returns_its_checkpoints_test_return():
+    # A run resumed from the checkpoint of the day's last epoch (its nights still to run) runs no day epoch: the day
+    # ends where the checkpoint says, with its test return.
+    args = tiny_args(num_envs=2, day_epochs=2)
+    wm, agent = make_models(args)
+    wm_opt, agent_opt = make_optimizers(wm, agent, args)
+    h, z = wm.initial(2), torch.zeros(2, wm.C, wm.J)
+    progress = dreamer_ppo.acting_day(args, wm, agent, wm_opt, agent_opt, dreamer_ppo.ReturnScale(0.99), None,
+                                      StampedEnv(2, length=3, tag=0), RecordingLog(), CPU, None, envs_state=None,
+                                      obs=StampedEnv(2, 3, 0).observe()["rgb"], is_first=np.zeros(2, bool),
+                                      score=np.zeros(2), h=h, z=z, epoch=2, step=200, test_return=3.5)
+    assert progress == dict(step=200, test_return=3.5)
+
+
 class EpisodeProbe:
     """Wraps a real ProcGen test environment and counts, per environment, the episodes that began and ended
     while wrapped."""
