@@ -379,7 +379,7 @@ def test_speed_table_at_tiny_size(tmp_path, script, night_parts):
     result = bash("speed", tmp_path, *SIZE_FLAGS, "--no-eval-train-levels", SCRIPT=script, EPOCHS="2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert "(epochs: 2 day, 2 night)" in lines[1]
+    assert "(epochs: 2 day, 2 night; 1 run)" in lines[1]
     parts = [("day", p) for p in ("world_model", "acting", "ppo", "evaluation")]
     parts += [("night", p) for p in (*night_parts, "ppo", "evaluation")]
     rows = [line.split() for line in lines[2:2 + len(parts)]]
@@ -394,6 +394,44 @@ def test_speed_table_at_tiny_size(tmp_path, script, night_parts):
     assert rates["evaluation seconds"][0] == "day" and rates["evaluation seconds"][2] == "night"
     assert "peak GPU memory" not in rates  # on the CPU
     # the run's last line adds up each part of each phase
-    summary = (tmp_path / Path(script).stem / runner.LOG).read_text().strip().splitlines()[-1]
+    summary = (tmp_path / Path(script).stem / "seed1" / runner.LOG).read_text().strip().splitlines()[-1]
     assert summary.startswith("time by phase (s): day: world_model ")
     assert all(f" {p} " in summary for _, p in parts)
+
+
+def test_speed_runs_at_once_wall_clock_projections_and_gpu_use(tmp_path):
+    """RUNS=2: two runs of the script at once (seeds 1 and 2); the report adds the epochs' wall-clock seconds, the
+    aggregate epochs per second and the projections derived from them, and the median of nvidia-smi's utilisation
+    over the epochs (a fake nvidia-smi here, always at 37%)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text('#!/usr/bin/env bash\nwhile true; do date +"%Y/%m/%d %H:%M:%S.%3N, 37"; '
+                                     'sleep 0.1; done\n')
+    (fake / "nvidia-smi").chmod(0o755)
+    result = bash("speed", tmp_path / "out", *SIZE_FLAGS, "--no-eval-train-levels", EPOCHS="2", RUNS="2",
+                  PATH=f"{fake}:{os.environ['PATH']}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("dreamer_ppo.py, 2 day and 2 night epochs, 2 at once") and "2 runs)" in lines[1]
+    for seed in (1, 2):
+        assert f"--seed {seed} " in (tmp_path / "out" / "dreamer_ppo" / f"seed{seed}" / runner.LOG).read_text()
+    report = dict(line.split(": ", 1) for line in lines[2:] if ": " in line)
+    words = report["wall-clock seconds per epoch"].replace(",", "").split()
+    day, night = float(words[1]), float(words[3])
+    assert day > 0 and night > 0
+    words = report["aggregate epochs per second"].replace(",", "").split()
+    assert float(words[1]) == pytest.approx(2 / day, rel=0.01, abs=0.001)
+    assert float(words[3]) == pytest.approx(2 / night, rel=0.01, abs=0.001)
+    minutes = float(report["projected, one game and seed (200 day and 200 night epochs)"].split()[0])
+    assert minutes == pytest.approx(200 * (day + night) / 60, rel=0.01, abs=0.1)
+    hours = float(report["projected, Figures 3-5 (20 days, 140 nights as fast as this script's) with 2 runs per "
+                         "GPU"].split()[0])
+    assert hours == pytest.approx(200 * (20 * day + 140 * night) / 2 / 3600, rel=0.01, abs=0.1)
+    use = report["GPU utilisation (nvidia-smi, median over the epochs after the first)"].replace(",", "").split()
+    assert use[:2] == ["day", "37%"] and use[4:6] == ["night", "37%"] and int(use[2][1:]) > 0
+
+
+def test_speed_refuses_runs_that_are_not_a_count(tmp_path):
+    result = bash("speed", tmp_path, RUNS="two")
+    assert result.returncode == 2 and "RUNS='two'" in result.stderr and "1 or more" in result.stderr
+    assert not (tmp_path / "dreamer_ppo").exists()
