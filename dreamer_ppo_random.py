@@ -331,11 +331,24 @@ def latent_probs(logits, unimix):
     return (1 - unimix) * logits.float().softmax(-1) + unimix / logits.shape[-1]
 
 
+def draw(probs, generator=None):
+    """One class per row of probabilities [..., K] (from `generator`, or torch's global one): torch.multinomial's
+    draw of one sample, the argmax of probs / E with E ~ Exp(1) (the same numbers from the same generator), without
+    its checks of the probabilities, which read them back (on a GPU, a wait at every step: pytorch/pytorch#108968)."""
+    probs = probs.detach()
+    return (probs / torch.empty_like(probs, memory_format=torch.contiguous_format).exponential_(
+        generator=generator)).argmax(-1)
+
+
+def one_hot(index, n):
+    """F.one_hot(index, n) as floats, without its checks of the indices, which read them back on the CPU (not on
+    CUDA): so the per-step code reads nothing back on either device, which tests/test_agent.py checks on the CPU."""
+    return torch.zeros(*index.shape, n, device=index.device).scatter_(-1, index.long().unsqueeze(-1), 1.0)
+
+
 def sample_onehot(probs, generator=None):
     """One-hot samples [..., C, J] with straight-through gradients (from `generator`, or torch's global one)."""
-    index = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator).reshape(probs.shape[:-1])
-    sample = F.one_hot(index, probs.shape[-1]).to(probs.dtype)
-    return sample + (probs - probs.detach())
+    return one_hot(draw(probs, generator), probs.shape[-1]).to(probs.dtype) + (probs - probs.detach())
 
 
 def categorical_kl(p, q):
@@ -465,7 +478,7 @@ class WorldModel(nn.Module):
     def recurrent(self, h, z, action):
         """Recurrent model h_t = f(h_{t-1}, z_{t-1}, a_{t-1}); z [N, C, J], action [N] (or one-hot [N, A])."""
         if action.dim() == 1:
-            action = F.one_hot(action.long(), self.num_actions).float()
+            action = one_hot(action, self.num_actions)
         return self.gru(self.gru_in(torch.cat([z.flatten(1), action], -1)).float(), h.float())
 
     def prior(self, h):
@@ -640,11 +653,18 @@ class Agent(nn.Module):
         return twohot_decode(self.critic(s), self.bins)
 
     def get_action_and_value(self, s, action=None):
-        dist = torch.distributions.Categorical(logits=self.actor(s).float())
+        """a ~ pi(. | s) (or the given `action`), log pi(a | s), the policy's entropy, the critic's logits and v(s):
+        torch.distributions.Categorical's numbers, written out (its checks of its arguments read them back: on a GPU,
+        two waits per call)."""
+        logits = self.actor(s).float()
+        logits = logits - logits.logsumexp(-1, keepdim=True)  # log pi(. | s)
+        probs = logits.softmax(-1)
         if action is None:
-            action = dist.sample()
+            action = draw(probs)
+        logprob = logits.gather(-1, action.long().unsqueeze(-1)).squeeze(-1)
+        entropy = -(logits.clamp(min=torch.finfo(logits.dtype).min) * probs).sum(-1)
         critic_logits = self.critic(s)
-        return action, dist.log_prob(action), dist.entropy(), critic_logits, twohot_decode(critic_logits, self.bins)
+        return action, logprob, entropy, critic_logits, twohot_decode(critic_logits, self.bins)
 
 
 def make_agent_optimizer(agent, lr):
@@ -889,7 +909,7 @@ def evaluate(wm, agent, args, step, device):
         with autocast(device):
             h, z = wm.filter_step(h, z, action, obs, is_first, generator)
             probs = agent.actor(state_features(h, z)).float().softmax(-1)
-            action = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            action = draw(probs, generator)
         steps = [e.step(a) for e, a in zip(envs, np.split(action.cpu().numpy(), len(envs)))]
         next_obs, reward, done = (np.concatenate(x) for x in zip(*[(o["rgb"], r, d) for o, r, d, _ in steps]))
         score += reward

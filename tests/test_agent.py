@@ -1,17 +1,92 @@
-"""The agent block (GAE, return scale, PPO) and the dreams block (initial states, imagination)."""
+"""The agent block (acting, GAE, return scale, PPO), the dreams block (initial states, imagination), and the
+per-step code reading nothing back from the device."""
 
+import collections
 import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dreamer_ppo
 from dreamer_ppo import (ReturnScale, check_args, gae, imagine, ppo_update, random_initial_states,
                          stack_trajectory, state_features, train_agent)
 from conftest import CPU, NUM_ACTIONS, is_onehot, make_models, tiny_args
 
+
+
+# %% acting
+def test_draw_is_multinomials_draw():
+    """draw: the classes torch.multinomial draws (one sample) from the same generator, left in the same state; on
+    rows of any shape, from a generator of one's own or torch's global one."""
+    probs = torch.rand(7, 3, 15).softmax(-1)
+    mine, theirs = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    drawn = dreamer_ppo.draw(probs, mine)
+    assert drawn.shape == (7, 3)
+    assert torch.equal(drawn, torch.multinomial(probs.reshape(-1, 15), 1, generator=theirs).reshape(7, 3))
+    assert torch.equal(mine.get_state(), theirs.get_state())
+    torch.manual_seed(4)
+    drawn = dreamer_ppo.draw(probs[:, 0])
+    torch.manual_seed(4)
+    assert torch.equal(drawn, torch.multinomial(probs[:, 0], 1, True).squeeze(-1))
+
+
+def test_get_action_and_value_is_categoricals(args, models):
+    """The agent's action, log-probability and entropy are torch.distributions.Categorical's, to the bit: sampled
+    (the same action from the same seed) and for given actions."""
+    _, agent = models
+    s = torch.randn(64, agent.actor[0].in_features)
+    torch.manual_seed(5)
+    action, logprob, entropy, critic_logits, value = agent.get_action_and_value(s)
+    torch.manual_seed(5)
+    dist = torch.distributions.Categorical(logits=agent.actor(s).float())
+    expected = dist.sample()
+    assert torch.equal(action, expected) and len(action.unique()) > 1
+    assert torch.equal(logprob, dist.log_prob(expected)) and torch.equal(entropy, dist.entropy())
+    assert torch.equal(value, dreamer_ppo.twohot_decode(agent.critic(s), agent.bins))
+    given = torch.randint(NUM_ACTIONS, (64,))
+    _, logprob, _, _, _ = agent.get_action_and_value(s, given)
+    assert torch.equal(logprob, dist.log_prob(given))
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operations that read a tensor's values back to the host (on a GPU, the CPU waits for the GPU
+    there): .item(), bool(tensor), the index sets of boolean masks, and torch.multinomial, whose checks of its
+    probabilities read them inside the operation (pytorch/pytorch#108968)."""
+
+    def __enter__(self):
+        self.count = collections.Counter()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero,
+                                   torch.ops.aten.multinomial):
+            self.count[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_acting_and_evaluation_steps_read_nothing_back(args, models):
+    """A step by day (the policy, then filtering the next frames) and a step of the evaluation (filtering, then the
+    policy from a generator of its own) read no tensor back: the only wait per step on a GPU is for the actions the
+    environments need. The counter does see torch.multinomial's and Categorical's checks."""
+    wm, agent = models
+    n = 6
+    h, z = wm.initial(n), dreamer_ppo.sample_onehot(torch.rand(n, wm.C, wm.J).softmax(-1))
+    obs = torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8)
+    is_first = torch.tensor([True, False] * (n // 2))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad(), HostReads() as reads:
+        action, *_ = agent.get_action_and_value(state_features(h, z))
+        h, z = wm.filter_step(h, z, action, obs, is_first)
+        h, z = wm.filter_step(h, z, action, obs, is_first, generator)
+        action = dreamer_ppo.draw(agent.actor(state_features(h, z)).float().softmax(-1), generator)
+    assert not reads.count and is_onehot(z)
+    with torch.no_grad(), HostReads() as reads:
+        torch.multinomial(torch.rand(n, NUM_ACTIONS), 1)
+        torch.distributions.Categorical(logits=torch.randn(n, NUM_ACTIONS)).sample()
+    assert reads.count == {"multinomial": 2, "_local_scalar_dense": 1}  # Categorical: a check of its logits, a draw
 
 
 # %% GAE (Eq. 9)
