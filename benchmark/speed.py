@@ -107,12 +107,11 @@ def table(runs):
     return lines
 
 
-def epoch_ends(path):
-    """{phase: wall-clock times} at which a run's epochs ended (its time/evaluation scalars, one per epoch)."""
+def epoch_ends(path, day_steps):
+    """{phase: wall-clock times} at which a run's epochs ended (its time/evaluation scalars, one per epoch; the day's
+    at `day_steps`). read_run keeps no wall-clock times: the events are read again for them."""
     events = EventAccumulator(str(path), size_guidance={"scalars": 0})
     events.Reload()
-    day_steps = {e.step for e in events.Scalars("time/world_model")} if "time/world_model" in \
-        events.Tags()["scalars"] else set()
     ends = [(e.step in day_steps, e.wall_time) for e in events.Scalars("time/evaluation")]
     return {phase: np.array([t for day, t in ends if day == (phase == "day")]) for phase in ("day", "night")}
 
@@ -193,8 +192,10 @@ def main(argv):
             print(f"{script} exited with {code}: see {run.dir / LOG}", file=sys.stderr)
             return code
     print(f"{script}, {epochs} day and {epochs} night epochs, {runs} at once: {' '.join(argv) or 'every default size'}")
-    print("\n".join(table([read_run(run.dir, tags=None) for run in todo])))
-    print("\n".join(wall_clock([epoch_ends(run.dir) for run in todo], gpu.samples(), len(todo))))
+    scalars = [read_run(run.dir, tags=None) for run in todo]
+    print("\n".join(table(scalars)))
+    ends = [epoch_ends(run.dir, set(phase_steps(s)[0])) for run, s in zip(todo, scalars)]
+    print("\n".join(wall_clock(ends, gpu.samples(), len(todo))))
     return 0
 
 
