@@ -54,7 +54,10 @@ class Args:
     torch_deterministic: bool = True
     """`torch.backends.cudnn.deterministic`"""
     cuda: bool = True
-    """use CUDA when there is a GPU, with bf16 autocast (the paper's mixed precision); CPU otherwise"""
+    """use CUDA when there is a GPU; CPU otherwise"""
+    bf16: bool = True
+    """the paper's mixed precision: bf16 autocast where the device computes bf16 natively (CUDA, a CPU with
+    AVX512-BF16 or AMX), fp32 elsewhere; --no-bf16: fp32 everywhere"""
     track: bool = False
     """mirror TensorBoard to Weights & Biases (`pip install -e ".[wandb]"`; `wandb login` or WANDB_MODE=offline)"""
     wandb_project_name: str = "dreamer-ppo"
@@ -130,8 +133,11 @@ class Args:
     """run each epoch's evaluation in a background thread, on a copy of the weights, while the next epoch trains
     (not in the paper: the same returns, logged at the epoch they belong to); --no-eval-overlap waits for it"""
     dream_images_every: int = 10
-    """log decoded dream states before and after their transformation every this many night epochs
-    (Figure 2, for one's own runs); 0 never; the Offline script has no dreams and ignores it"""
+    """log images every this many epochs: by night decoded dream states before and after their transformation
+    (Figure 2, for one's own runs; not in the Offline script), by day the open-loop prediction; 0 never"""
+    final_episodes: int = 500
+    """the final evaluation at the end of each phase: this many test and as many training-level episodes on levels
+    drawn from the seed alone, the same for a day and its nights (final/*, not in the paper); 0 skips it"""
 
     # Networks (Table 1)
     categoricals: int = 32
@@ -238,7 +244,7 @@ def check_args(args):
     for name in POSITIVE_FLAGS:
         if getattr(args, name) <= 0:
             fail("--" + name.replace("_", "-"), f"must be a positive integer, got {getattr(args, name)}")
-    for name in ("night_epochs", "dream_images_every", "burn_in", "checkpoint_every"):
+    for name in ("night_epochs", "dream_images_every", "burn_in", "checkpoint_every", "final_episodes"):
         if getattr(args, name) < 0:
             fail("--" + name.replace("_", "-"), f"must be 0 or more, got {getattr(args, name)}")
     for name, interval in INTERVALS.items():
@@ -361,11 +367,14 @@ def categorical_kl(p, q):
     return (p * (p.log() - q.log())).sum((-2, -1))
 
 
+LN_EPS = 1e-3  # DreamerV3's LayerNorm epsilon
+
+
 def mlp(in_dim, out_dim, units, layers, zero_init=False):
     """`layers` Linear-LayerNorm-SiLU blocks and a linear output (Table 1)."""
     modules, dim = [], in_dim
     for _ in range(layers):
-        modules += [nn.Linear(dim, units), nn.LayerNorm(units), nn.SiLU()]
+        modules += [nn.Linear(dim, units), nn.LayerNorm(units, eps=LN_EPS), nn.SiLU()]
         dim = units
     out = nn.Linear(dim, out_dim)
     if zero_init:
@@ -374,14 +383,30 @@ def mlp(in_dim, out_dim, units, layers, zero_init=False):
     return nn.Sequential(*modules, out)
 
 
-def autocast(device):
-    """bf16 mixed precision on CUDA (the paper's mixed precision); a no-op on the CPU."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def native_bf16(device):
+    """Whether `device` computes bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX (emulated, it is slower)."""
+    cpu_has = (getattr(torch.cpu, f"_is_{name}_supported", lambda: False)() for name in ("avx512_bf16", "amx_tile"))
+    return device.type == "cuda" or any(cpu_has)
+
+
+def precision(args, device):
+    """The precision a run computes in, in words."""
+    if args.bf16 and native_bf16(device):
+        return "bf16 mixed precision"
+    return "fp32" + ("" if not args.bf16 else " (this CPU has no native bf16; emulated, it would be slower)")
+
+
+def autocast(device, args):
+    """bf16 mixed precision (the paper's) with --bf16 where the device computes bf16 natively; else fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and native_bf16(device))
 
 
 # %% world model
 class ChannelNorm(nn.LayerNorm):
     """LayerNorm over the channels of an image [N, C, H, W]."""
+
+    def __init__(self, channels):
+        super().__init__(channels, eps=LN_EPS)
 
     def forward(self, x):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -447,7 +472,7 @@ class LayerNormGRUCell(nn.Module):
         super().__init__()
         self.hidden_size = hidden_size
         self.linear = nn.Linear(input_size + hidden_size, 3 * hidden_size, bias=False)
-        self.norm = nn.LayerNorm(3 * hidden_size)
+        self.norm = nn.LayerNorm(3 * hidden_size, eps=LN_EPS)
 
     def forward(self, x, h):
         reset, cand, update = self.norm(self.linear(torch.cat([x, h], -1))).chunk(3, -1)
@@ -465,8 +490,8 @@ class WorldModel(nn.Module):
         self.unimix = args.unimix
         z_dim = self.C * self.J
         self.encoder = ConvEncoder(args.cnn_depth)
-        self.gru_in = nn.Sequential(nn.Linear(z_dim + num_actions, args.mlp_units), nn.LayerNorm(args.mlp_units),
-                                    nn.SiLU())
+        self.gru_in = nn.Sequential(nn.Linear(z_dim + num_actions, args.mlp_units),
+                                    nn.LayerNorm(args.mlp_units, eps=LN_EPS), nn.SiLU())
         self.gru = LayerNormGRUCell(args.mlp_units, args.rnn_units)
         self.prior_net = mlp(args.rnn_units, z_dim, args.mlp_units, 1)
         self.post_net = mlp(args.rnn_units + self.encoder.out_dim, z_dim, args.mlp_units, 1)
@@ -505,13 +530,13 @@ class WorldModel(nn.Module):
         z = sample_onehot(self.posterior(h, self.encoder(obs)), generator)
         return h, z
 
-    def observe(self, obs, actions, conts, is_first, image=None):
+    def observe(self, obs, actions, conts, is_first, image=None, generator=None):
         """Posterior states of B sequences of T steps laid out as in Algorithm 1: step t holds o_t, a_t,
         r_{t+1}, c_{t+1}. Returns, per step, h and z, the posterior and prior probabilities, and the
         transition features (h_t, z_t) for t >= 1 that the reward and continue heads learn r_t and c_t
         from. ProcGen resets by itself, so after an episode ends (c_t = 0) the frame o_t belongs to the
         next level: there z_t comes from the prior, as in a dream, and only then h is reset. `image` is
-        preprocess(obs) when the caller has it already."""
+        preprocess(obs) when the caller has it already; the samples come from `generator` (or torch's global one)."""
         B, T = actions.shape
         embed = self.encoder.embed(preprocess(obs) if image is None else image)
         first = is_first.clone()
@@ -529,7 +554,7 @@ class WorldModel(nn.Module):
             h = torch.where(first[:, t, None], h0, h_pred)
             post_logits = self.post_net[1:](F.linear(h, w_h) + embed_shares[t])
             post = latent_probs(post_logits.reshape(B, self.C, self.J), self.unimix)
-            z = sample_onehot(post)
+            z = sample_onehot(post, generator)
             hs.append(h)
             zs.append(z)
             posts.append(post)
@@ -539,7 +564,7 @@ class WorldModel(nn.Module):
         priors = torch.where(first[:, :, None, None], self.prior(h0[:1]), prior_preds)
         # Into a new episode, the transition's z is sampled from the prior: only there.
         z_trans, new = zs[:, 1:].clone(), first[:, 1:]
-        z_trans[new] = sample_onehot(prior_preds[:, 1:][new])
+        z_trans[new] = sample_onehot(prior_preds[:, 1:][new], generator)
         return hs, zs, posts, priors, torch.cat([h_preds[:, 1:], z_trans.flatten(2)], -1)
 
     def loss(self, batch, args):
@@ -743,7 +768,7 @@ def ppo_update(agent, optimizer, return_scale, batch, num_minibatches, args, dev
         for index in torch.randperm(len(batch["actions"]), device=device).chunk(num_minibatches):
             mb = {k: v[index] for k, v in batch.items()}
             scales.append(return_scale.update(mb["targets"]))
-            with autocast(device):
+            with autocast(device, args):
                 _, logprob, entropy, critic_logits, _ = agent.get_action_and_value(mb["states"], mb["actions"])
             logprob = logprob.float()
             pg_loss, clipped = objective(logprob, mb, mb["advantages"] / scales[-1], args)
@@ -786,10 +811,10 @@ def random_initial_states(wm, n):
 
 
 def collected_initial_states(wm, dataset, n, args):
-    """Posterior states of real data (the common practice; Figure 3), one from each of n sequences drawn as the
-    world model's batches are (DreamerV3 starts imagination from its training batch): each sequence is filtered
-    for --burn-in steps to warm up (h, z), and its last state, burn_in steps in, starts a dream."""
-    batch = to_torch(dataset.sample(n, args.burn_in + 1, args.reward_seq_fraction), wm.bins.device)
+    """Posterior states of real data (the common practice; Figure 3), as DreamerV3 starts imagination: one from each
+    of n uniformly drawn sequences of burn_in + 1 steps (no reward prioritisation, which would start dreams just
+    after a rewarded episode end), filtered to warm up (h, z); the state at position burn_in starts a dream."""
+    batch = to_torch(dataset.sample(n, args.burn_in + 1, 0.0), wm.bins.device)
     hs, zs, *_ = wm.observe(batch["obs"], batch["actions"], batch["conts"], batch["is_first"])
     return hs[:, -1], zs[:, -1]
 
@@ -809,7 +834,7 @@ def imagine(wm, agent, h, z, horizon, args):
         h, z, changed = transform(h, z, wm, agent, args)
         transform_seconds += time.time() - start
         s = state_features(h, z)
-        with torch.no_grad(), autocast(h.device):
+        with torch.no_grad(), autocast(h.device, args):
             action, logprob, _, _, value = agent.get_action_and_value(s)
             # r_t and c_t were predicted from the untransformed state: the step before bootstraps from its value.
             bootstrap_value = value.clone()
@@ -823,14 +848,16 @@ def imagine(wm, agent, h, z, horizon, args):
             reward, cont = wm.heads(state_features(h, z))
         for key, x in zip(keys, (s, action, logprob, value, bootstrap_value, reward, cont, changed)):
             traj[key].append(x)
-    with torch.no_grad(), autocast(h.device):
+    with torch.no_grad(), autocast(h.device, args):
         traj = stack_trajectory(traj, agent.value(state_features(h, z)))
     # A transformed state starts a new segment: the step before it takes nothing of its advantage (`gae`).
     changed = traj.pop("changed")
     traj["cuts"] = torch.cat([changed[1:], torch.zeros_like(changed[:1])])
     # The chance that the dream is still going at step t weighs that step's loss.
     traj["weights"] = torch.cat([torch.ones_like(traj["conts"][:1]), traj["conts"][:-1].cumprod(0)])
-    stats = dict(reward_mean=traj["rewards"].mean().item(), cont_mean=traj["conts"].mean().item(),
+    # A dream's imagined return: its rewards weighed by the predicted chance that it is still going (undiscounted).
+    stats = dict(return_mean=(traj["weights"] * traj["rewards"]).sum(0).mean().item(),
+                 reward_mean=traj["rewards"].mean().item(), cont_mean=traj["conts"].mean().item(),
                  value_mean=traj["values"].mean().item(), transformed_frac=changed.float().mean().item(),
                  **{k: torch.cat(v).mean().item() if v else 0.0 for k, v in moves.items()},
                  transform_seconds=transform_seconds)
@@ -843,7 +870,7 @@ def log_dream_images(wm, agent, states, args, writer, step, n=4):
     s = states[torch.randint(len(states), (n,), device=states.device)]
     h, z = s[:, : wm.gru.hidden_size], s[:, wm.gru.hidden_size:].reshape(n, wm.C, wm.J)
     h_new, z_new, _ = transform(h, z, wm, agent, args, force=True)
-    with torch.no_grad(), autocast(s.device):
+    with torch.no_grad(), autocast(s.device, args):
         images = wm.decoder(torch.cat([state_features(h, z), state_features(h_new, z_new)])).float()
     images = (images + 0.5).clamp(0, 1)
     writer.add_image("dream/before_after", torch.cat([torch.cat(list(images[:n]), 1),
@@ -914,7 +941,7 @@ def transform(h, z, wm, agent, args, force=False):
 
 # %% evaluation
 @torch.no_grad()
-def evaluate(wm, agent, args, step, device):
+def evaluate(wm, agent, args, step, device, episodes=None):
     """The returns logged after every epoch: test_return, the mean game score of the current policy (acting on
     posterior states with sampled actions) over num_envs x test_repetitions episodes on the full level distribution
     (Table 2: 5 x 5; the curve of Figures 3-5) and, with --eval-train-levels, train_levels_return, the same on the N
@@ -923,8 +950,9 @@ def evaluate(wm, agent, args, step, device):
     ignores resets, so every evaluation makes fresh environments, their levels drawn from the seed and the step: no
     episode is counted half-played. Its random numbers (latent samples, actions) come from a generator of its own
     seeded the same way: the returns do not depend on when it runs, and training's random numbers on whether it
-    ran (`Evaluator`)."""
-    n = args.num_envs * args.test_repetitions
+    ran (`Evaluator`). With `episodes` (the final evaluation, step -1), that many of each, and each mean's standard
+    error as {name}_se. A policy whose action probabilities are not finite stops the run instead of being scored."""
+    n = episodes or args.num_envs * args.test_repetitions
     seed = (args.seed * 1_000_003 + step) % 2**31
     levels = dict(test_return=0, **(dict(train_levels_return=args.num_levels) if args.eval_train_levels else {}))
     envs = [make_env(args.env_id, n, num_levels, seed) for num_levels in levels.values()]
@@ -934,23 +962,103 @@ def evaluate(wm, agent, args, step, device):
     h, z = wm.initial(rows), torch.zeros(rows, wm.C, wm.J, device=device)
     action = torch.zeros(rows, dtype=torch.long, device=device)
     is_first = torch.ones(rows, dtype=torch.bool, device=device)
-    score, first_scores = np.zeros(rows), np.full(rows, np.nan)
-    while np.isnan(first_scores).any():
-        with autocast(device):
+    score, first_scores, actions = np.zeros(rows), np.full(rows, np.nan), np.zeros(rows, np.int64)
+    live = np.arange(rows)  # the rows still in their first episode: only they go through the networks
+    finite = torch.ones((), dtype=torch.bool, device=device)  # read once at the end: no wait at every step
+    while len(live):
+        with autocast(device, args):
             h, z = wm.filter_step(h, z, action, obs, is_first, generator)
             probs = agent.actor(state_features(h, z)).float().softmax(-1)
+            finite &= probs.isfinite().all()
             action = draw(probs, generator)
-        steps = [e.step(a) for e, a in zip(envs, np.split(action.cpu().numpy(), len(envs)))]
+        actions[live] = action.cpu().numpy()
+        steps = [e.step(a) for e, a in zip(envs, np.split(actions, len(envs)))]
         next_obs, reward, done = (np.concatenate(x) for x in zip(*[(o["rgb"], r, d) for o, r, d, _ in steps]))
         score += reward
         first_end = done & np.isnan(first_scores)
         first_scores[first_end] = score[first_end]
         score[done] = 0.0
-        obs = torch.as_tensor(next_obs, device=device)
-        is_first = torch.as_tensor(done, device=device)
+        if first_end.any():
+            keep = np.flatnonzero(~first_end[live])
+            live, keep = live[keep], torch.as_tensor(keep, device=device)
+            h, z, action = h[keep], z[keep], action[keep]
+        obs = torch.as_tensor(next_obs[live], device=device)
+        is_first = torch.as_tensor(done[live], device=device)
     for e in envs:
         e.close()
-    return {name: float(scores.mean()) for name, scores in zip(levels, np.split(first_scores, len(envs)))}
+    if not finite:
+        raise SystemExit(f"error: the policy's action probabilities are not finite in the evaluation at step {step}: "
+                         f"no return is recorded for a broken policy; the run stops, and its last checkpoint is kept")
+    scores = dict(zip(levels, np.split(first_scores, len(envs))))
+    returns = {name: float(x.mean()) for name, x in scores.items()}
+    if episodes:
+        returns.update({f"{name}_se": float(x.std(ddof=1) / math.sqrt(len(x))) for name, x in scores.items()})
+    return returns
+
+
+def final_evaluation(wm, agent, args, device, log, phase, step):
+    """The phase's end measured precisely (not in the paper): --final-episodes episodes of each kind on levels drawn
+    from the seed alone, so that a day's final agent and each of its nights' meet the same levels; logged as
+    final/* at the phase's last step and printed."""
+    if args.final_episodes:
+        start = time.time()
+        returns = evaluate(wm, agent, args, -1, device, episodes=args.final_episodes)
+        log.scalars("final", returns, step)
+        print(f"final evaluation of the {phase} ({args.final_episodes} episodes each, {time.time() - start:.0f} s): "
+              + ", ".join(f"{name.removesuffix('_return').replace('_', ' ')} {returns[name]:.2f} ± "
+                          f"{returns[name + '_se']:.2f}" for name in returns if not name.endswith("_se")), flush=True)
+
+
+@torch.no_grad()
+def open_loop(wm, dataset, start, args, device, log, step, epoch):
+    """The world model's open-loop prediction (DreamerV3's openl) on --wm-batch-size real windows drawn uniformly from
+    the steps [start, size), not trained on yet: filter --burn-in + 1 frames, then predict H steps from the prior with
+    the real actions. Logs openloop/*, over the horizon and at its steps k = 1, 2, 4, ..., H: the reward error
+    |r^ - r|, the recall of the real non-zero rewards (predicted within half their size), the continuation's
+    accuracy, the image MSE (per pixel), each while the real episode goes on; and every --dream-images-every
+    epochs an image of truth, prediction and error. Its random numbers are its own (training's are untouched)."""
+    b, H, B = args.burn_in, args.horizon, args.wm_batch_size
+    length = b + 1 + H
+    if dataset.size < length:
+        return
+    rng = np.random.default_rng([args.seed, step])
+    envs = rng.integers(dataset.data["actions"].shape[0], size=B)
+    starts = rng.integers(min(start, dataset.size - length), dataset.size - length + 1, size=B)
+    batch = to_torch({k: v[envs[:, None], starts[:, None] + np.arange(length)] for k, v in dataset.data.items()},
+                     device)
+    generator = torch.Generator(device).manual_seed((args.seed * 1_000_003 + step) % 2**31)
+    with autocast(device, args):
+        hs, zs, *_ = wm.observe(*(batch[k][:, : b + 1] for k in ("obs", "actions", "conts", "is_first")),
+                                generator=generator)
+        h, z, feats = hs[:, -1], zs[:, -1], []
+        for k in range(H):  # the states of steps b + 1, ..., b + H
+            h = wm.recurrent(h, z, batch["actions"][:, b + k]).float()
+            z = sample_onehot(wm.prior(h), generator)
+            feats.append(state_features(h, z))
+        reward, cont = wm.heads(torch.stack(feats, 1))
+        image = wm.decoder(torch.stack(feats, 1)).float()
+    truth = preprocess(batch["obs"][:, b + 1:])
+    real_reward, real_cont = batch["rewards"][:, b: b + H], batch["conts"][:, b: b + H]
+    # Step k's reward and continuation can be predicted while the episode has not ended before k; its frame, through k.
+    going = torch.cat([torch.ones_like(real_cont[:, :1]), real_cont[:, :-1].cumprod(1)], 1).bool()
+    rewarded = going & (real_reward != 0)
+    error = (reward.float() - real_reward).abs()
+    metrics = dict(reward_error=(error, going), reward_recall=((error < real_reward.abs() / 2).float(), rewarded),
+                   cont_accuracy=(((cont > 0.5).float() == real_cont).float(), going),
+                   image_mse=((image - truth).pow(2).mean((-3, -2, -1)), real_cont.cumprod(1).bool()))
+    ks = sorted({2**i for i in range(H.bit_length())} | {H})
+    values = {}
+    for name, (x, mask) in metrics.items():
+        x = torch.where(mask, x, 0.0)
+        values[name] = x.sum() / mask.sum()  # NaN where nothing counts: left out below
+        values.update({f"{name}_{k}": x[:, k - 1].sum() / mask[:, k - 1].sum() for k in ks})
+    values["rewards_seen"] = rewarded.sum().float()
+    log.scalars("openloop", {k: v for k, v in zip(values, torch.stack(list(values.values())).tolist())
+                             if math.isfinite(v)}, step)
+    if args.dream_images_every and (epoch - 1) % args.dream_images_every == 0:
+        rows = [x for i in range(min(2, B)) for x in (truth[i] + 0.5, image[i] + 0.5, (image[i] - truth[i]).abs())]
+        log.writer.add_image("openloop/truth_prediction_error", torch.cat([torch.cat(list(r), -1) for r in rows], -2)
+                             .clamp(0, 1), step)
 
 
 class Evaluator:
@@ -1020,8 +1128,10 @@ class Evaluator:
 CHECKPOINT_FORMAT = 2  # checkpoint.pt and day.pt as written here (format 1 held the real data in day_replay.pt)
 PREEMPTED = 75  # the exit status after SIGTERM or SIGUSR1 and its checkpoint: run the same command with --resume
 # The flags a resumed run may change: where and how it logs, not what it computes.
+# The precision may change too: weights and optimizer state are float32 in both (a move between CUDA and a CPU
+# without bf16 changes it already).
 RESUME_MAY_CHANGE = ("resume", "checkpoint_every", "run_dir", "cuda", "track", "wandb_project_name", "wandb_entity",
-                     "eval_overlap")
+                     "eval_overlap", "bf16", "final_episodes")
 
 
 def atomic_save(obj, path, previous=None):
@@ -1212,11 +1322,12 @@ class Logger:
 
     latest = None  # the Logger of the run in this process, for the line printed on Ctrl-C
 
-    def __init__(self, run_dir, args, total_epochs, resumed=None):
+    def __init__(self, run_dir, args, total_epochs, resumed=None, device=torch.device("cpu")):
         """`resumed`: the progress of the checkpoint the run goes on from; what the run logged after it is purged
         (TensorBoard's purge_step), so that the curves go on without a repeated or out-of-order point."""
         penalty, reward_scale = reward_shaping(args)
-        params = dict(vars(args), penalty=penalty, reward_scale=reward_scale)  # the values in use, not None
+        params = dict(vars(args), penalty=penalty, reward_scale=reward_scale,  # the values in use, not None
+                      precision=precision(args, device))
         if args.track:
             import wandb
 
@@ -1311,7 +1422,7 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
         score[done] = 0.0
         obs, is_first, seed_steps, episodes = next_obs["rgb"], done, seed_steps + n, episodes + done.sum()
     # The agent's state s_t of the current frame; from here on each real frame is filtered once.
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad(), autocast(device, args):
         h, z = wm.filter_step(wm.initial(n), torch.zeros(n, wm.C, wm.J, device=device),
                               torch.zeros(n, dtype=torch.long, device=device), torch.as_tensor(obs, device=device),
                               torch.ones(n, dtype=torch.bool, device=device))
@@ -1333,11 +1444,14 @@ def acting_day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dat
     h, z = h.to(device), z.to(device)
     evaluation = Evaluator(wm, agent, args, device, log, test_return)
     for epoch in range(epoch + 1, args.day_epochs + 1):
+        # The model's predictions on the steps it has not trained on yet: the last epoch's (the first: the seed's).
+        t_open_loop = time.time()
+        open_loop(wm, dataset, dataset.size - args.day_steps // n if epoch > 1 else 0, args, device, log, step, epoch)
         t0 = time.time()
         wm_stats = []
         for _ in range(args.wm_updates):
             batch = to_torch(dataset.sample(args.wm_batch_size, args.seq_len, args.reward_seq_fraction), device)
-            with autocast(device):
+            with autocast(device, args):
                 loss, metrics, _ = wm.loss(batch, args)
             check_finite(metrics, "world-model", "day", epoch)  # before its step spoils the model
             wm_optimizer.zero_grad(set_to_none=True)
@@ -1351,7 +1465,7 @@ def acting_day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dat
         traj, finished = {k: [] for k in keys}, []
         for _ in range(args.day_steps // n):
             s = state_features(h, z)
-            with torch.no_grad(), autocast(device):
+            with torch.no_grad(), autocast(device, args):
                 action, logprob, _, _, value = agent.get_action_and_value(s)
             action_np = action.cpu().numpy()
             next_obs, reward, done, _ = envs.step(action_np)
@@ -1362,13 +1476,13 @@ def acting_day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dat
             finished += list(score[done])
             score[done] = 0.0
             obs, is_first = next_obs["rgb"], done
-            with torch.no_grad(), autocast(device):
+            with torch.no_grad(), autocast(device, args):
                 h, z = wm.filter_step(h, z, action, torch.as_tensor(obs, device=device),
                                       torch.as_tensor(done, device=device))
             for key, x in zip(keys, (s, action, logprob, value, torch.as_tensor(shaped, device=device),
                                      torch.as_tensor(1.0 - done, device=device))):
                 traj[key].append(x)
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device, args):
             traj = stack_trajectory(traj, agent.value(state_features(h, z)))
         traj["weights"] = torch.ones_like(traj["rewards"])
         t2 = time.time()
@@ -1386,7 +1500,11 @@ def acting_day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dat
             train_text = f"{np.mean(finished):.2f}"
         evaluating = evaluation.start(wm, agent, "day", epoch, args.day_epochs, step,
                                       f"train {train_text} wm_loss {wm_means['loss']:.1f} SPS {sps:.0f}")
-        log.times("day", dict(world_model=t1 - t0, acting=t2 - t1, ppo=t3 - t2, evaluation=evaluating), step)
+        log.times("day", dict(world_model=t1 - t0, acting=t2 - t1, ppo=t3 - t2, evaluation=evaluating,
+                              diagnostics=t0 - t_open_loop), step)
+        if epoch == args.day_epochs:
+            evaluation.finish()
+            final_evaluation(wm, agent, args, device, log, "day", step)
         if checkpoint is not None:
             checkpoint("day", epoch, args.day_epochs, step, evaluation.finish, loop=lambda: dict(
                 envs_state=envs.env.get_state(), obs=obs, is_first=is_first, score=score, h=h.cpu(), z=z.cpu()))
@@ -1406,7 +1524,7 @@ def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, 
     evaluation = Evaluator(wm, agent, args, device, log)
     for epoch in range(epoch + 1, args.night_epochs + 1):
         t0 = time.time()
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device, args):
             if args.init_states == "random":
                 h, z = random_initial_states(wm, n)
             else:
@@ -1424,9 +1542,12 @@ def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, 
             log_dream_images(wm, agent, traj["states"].flatten(0, 1), args, log.writer, step)
         log.scalars("charts", dict(SPS=sps), step)
         evaluating = evaluation.start(wm, agent, "night", epoch, args.night_epochs, step,
-                                      f"dream reward {dream_stats['reward_mean']:.3f} SPS {sps:.0f}")
+                                      f"dream return {dream_stats['return_mean']:.2f} SPS {sps:.0f}")
         log.times("night", dict(dreaming=t1 - t0 - transforming, transformation=transforming, ppo=t2 - t1,
                                 evaluation=evaluating), step)
+        if epoch == args.night_epochs:
+            evaluation.finish()
+            final_evaluation(wm, agent, args, device, log, "night", step)
         if checkpoint is not None:
             checkpoint("night", epoch, args.night_epochs, step, evaluation.finish)
     evaluation.finish()
@@ -1520,18 +1641,18 @@ def main(args):
         Checkpoints.latest = os.path.join(run_dir, "checkpoint.pt"), f"{phase} epoch {epoch}"
     total_epochs = args.night_epochs + (0 if args.day_checkpoint else args.day_epochs)
     epochs_done = epoch + (args.day_epochs if phase == "night" and not args.day_checkpoint else 0)
-    log = Logger(run_dir, args, total_epochs,
+    log = Logger(run_dir, args, total_epochs, device=device,
                  resumed=dict(step=progress["step"], epochs_done=epochs_done) if resumed else None)
     day_text = f"night only, from {args.day_checkpoint}" if args.day_checkpoint else \
         f"{args.day_epochs} day epochs of {args.day_steps} real steps"
-    print(f"{run_dir} on {device}: {day_text}, {args.night_epochs} night epochs of "
+    print(f"{run_dir} on {device} in {precision(args, device)}: {day_text}, {args.night_epochs} night epochs of "
           f"{args.agent_batch_size * args.agent_updates} agent sequences of {args.horizon} steps", flush=True)
     if resumed:
         print(f"resumed from the checkpoint of {phase} epoch {epoch} (step {progress['step']:,}, test return "
               f"{progress['test_return']:.2f}): the epochs after it are redone", flush=True)
     bookkeeping = {"exp_name", "seed", "env_id", "cuda", "track", "wandb_project_name", "wandb_entity", "save_day",
                    "day_checkpoint", "torch_deterministic", "dream_images_every", "run_dir", "eval_train_levels",
-                   "resume", "checkpoint_every", "eval_overlap"}
+                   "resume", "checkpoint_every", "eval_overlap", "bf16", "final_episodes"}
     changed = [f"--{f.name.replace('_', '-')}" for f in fields(args)
                if f.name not in bookkeeping and getattr(args, f.name) != f.default]
     if changed:

@@ -11,7 +11,8 @@ that is (re)run makes its nights run again too (a night already finished just sa
 Settings come from the environment (the interface of the shell scripts) or the flags below:
 
   ENVS     games, default "coinrun caveflyer chaser plunder"     SEEDS    default "1 2 3 4 5"
-  PRESET   paper (default: every size the paper's) | cpu (the README's CPU-sized protocol) | tiny (tests)
+  PRESET   paper (default: every size the paper's) | cpu (the CPU-sized protocol) | cpu-matched (the CPU
+           sizes with the paper's ratios of replayed to real frames and of dreamed to real samples) | tiny (tests)
   WORKERS  local runs at once; default WORKERS_PER_GPU (default 4) per visible GPU, at most one per CPU
            core, or one per 2 CPU cores without a GPU. Runs on one GPU share it (it is idle most of the time).
   OUT      where runs (OUT/{game}/{method}/seed{S}) and figures (OUT/figures) go, default runs/benchmark
@@ -77,10 +78,17 @@ PRESETS = {
     "cpu": (("--day-epochs", "40", "--wm-updates", "20", "--day-steps", "5000", "--wm-batch-size", "16",
              "--seq-len", "16", "--categoricals", "16", "--classes", "16", "--rnn-units", "256", "--cnn-depth", "16",
              "--mlp-units", "256", "--penalty", "0"), "40"),
+    # The paper's ratios at the cpu preset's networks: each real frame replayed about 10 times (B_w L U_w / T_d =
+    # 16 x 16 x 40 / 1000), as many dreamed samples by night as real ones by day, and the paper's PPO minibatches
+    # (T_d / U_a = 200 real samples by day, B_a H = 192 dreamed by night).
+    "cpu-matched": (("--day-epochs", "40", "--wm-updates", "40", "--day-steps", "1000", "--wm-batch-size", "16",
+                     "--seq-len", "16", "--agent-updates", "5", "--categoricals", "16", "--classes", "16",
+                     "--rnn-units", "256", "--cnn-depth", "16", "--mlp-units", "256", "--penalty", "0"), "40"),
     "tiny": (("--wm-updates", "2", "--day-steps", "100", "--wm-batch-size", "4", "--seq-len", "8",
               "--agent-updates", "2", "--agent-batch-size", "4", "--horizon", "5", "--test-repetitions", "1",
               "--seed-episodes", "1", "--categoricals", "4", "--classes", "4", "--rnn-units", "32", "--cnn-depth",
-              "4", "--mlp-units", "32", "--bins", "31", "--burn-in", "3", "--day-epochs", "2"), "2"),
+              "4", "--mlp-units", "32", "--bins", "31", "--burn-in", "3", "--final-episodes", "2",
+              "--no-bf16", "--day-epochs", "2"), "2"),
 }
 REPLAY = "replay"  # a day's real frames, beside its day.pt
 PREEMPTED = 75  # a script's exit status after SIGTERM or SIGUSR1 and its checkpoint

@@ -45,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: the repository root on the pat
 from benchmark.plot import read_run  # noqa: E402
 from benchmark.run import LOG, ROOT, Run, execute  # noqa: E402
 
-PHASES = {"day": ("world_model", "acting", "ppo", "evaluation"),
+PHASES = {"day": ("world_model", "acting", "ppo", "evaluation", "diagnostics"),
           "night": ("dreaming", "transformation", "sequences", "ppo", "evaluation")}
 PROTOCOL_EPOCHS = 200  # E_d = E_n (Table 2): the epochs of one game and seed, by day and by night
 FIGURE_RUNS = dict(day=20, night=140)  # Figures 3-5 (benchmark/all.sh): 4 games x 5 seeds, a day and 7 nights each

@@ -24,14 +24,15 @@ CPU = torch.device("cpu")
 TINY = dict(categoricals=4, classes=4, rnn_units=32, cnn_depth=4, mlp_units=32, bins=31, seq_len=8,
             wm_batch_size=4, num_envs=4, day_steps=100, agent_batch_size=4, agent_updates=2, horizon=5,
             test_repetitions=1, seed_episodes=1, day_epochs=2, wm_updates=2, night_epochs=2, update_epochs=1,
-            burn_in=3, cuda=False)
+            burn_in=3, cuda=False, final_episodes=2, bf16=False)
 
 # Tiny sizes as command-line flags, for runs of the script itself (epochs are set by each run; --num-envs
-# stays at the paper's 5).
+# stays at the paper's 5). Tests run in fp32 on every CPU (tests/test_precision.py runs the scripts in bf16).
 SIZE_FLAGS = ["--wm-updates", "2", "--day-steps", "100", "--wm-batch-size", "4", "--seq-len", "8",
               "--agent-updates", "2", "--agent-batch-size", "4", "--horizon", "5", "--test-repetitions", "1",
               "--seed-episodes", "1", "--categoricals", "4", "--classes", "4", "--rnn-units", "32",
-              "--cnn-depth", "4", "--mlp-units", "32", "--bins", "31", "--burn-in", "3"]
+              "--cnn-depth", "4", "--mlp-units", "32", "--bins", "31", "--burn-in", "3", "--final-episodes", "2",
+              "--no-bf16"]
 
 
 def tiny_args(**changes):

@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dreamer_ppo
-from dreamer_ppo import (ReturnScale, check_args, gae, imagine, ppo_update, random_initial_states,
+from dreamer_ppo import (ReplayDataset, ReturnScale, check_args, gae, imagine, ppo_update, random_initial_states,
                          stack_trajectory, state_features, train_agent)
 from conftest import CPU, NUM_ACTIONS, is_onehot, make_models, tiny_args
 
@@ -367,8 +367,8 @@ def test_imagine_does_not_train_the_world_model(args, models):
 
 
 def test_collected_initial_states(args, models, coinrun_dataset, monkeypatch):
-    """One state from each of n sequences drawn like the world model's batches, the last of burn_in + 1 filtered
-    steps: states with a memory (h != 0), not the h = 0 states at the start of a few sequences."""
+    """One state from each of n uniformly drawn sequences, the last of burn_in + 1 filtered steps: states with a
+    memory (h != 0), not the h = 0 states at the start of a few sequences."""
     wm, _ = models
     drawn = []
     sample = coinrun_dataset.sample
@@ -380,10 +380,55 @@ def test_collected_initial_states(args, models, coinrun_dataset, monkeypatch):
     assert h.shape == (10, args.rnn_units) and z.shape == (10, args.categoricals, args.classes)
     assert is_onehot(z)
     (call, batch), = drawn
-    assert call == (10, args.burn_in + 1, args.reward_seq_fraction)
+    assert call == (10, args.burn_in + 1, 0.0)
     torch.manual_seed(0)
     with torch.no_grad():
         hs, zs, *_ = wm.observe(*(torch.as_tensor(batch[k]) for k in ("obs", "actions", "conts", "is_first")))
     assert torch.equal(h, hs[:, -1]) and torch.equal(z, zs[:, -1])
     started_there = torch.as_tensor(batch["is_first"][:, -1])
     assert (h.abs().sum(1) > 0).tolist() == (~started_there).tolist()
+
+
+class ResetCounter:
+    """A world-model stand-in for collected_initial_states: a window's "state" h counts the episode starts inside its
+    burn-in (after its first step), where a real h would have been reset."""
+    bins = torch.zeros(1)
+
+    def observe(self, obs, actions, conts, is_first):
+        resets = is_first[:, 1:].cumsum(1).float()
+        return torch.cat([torch.zeros_like(resets[:, :1]), resets], 1)[..., None], torch.zeros(*is_first.shape, 1, 1)
+
+
+def test_collected_initial_states_rarely_start_just_after_a_reset():
+    # Episodes of 60-400 steps that all end on a non-zero reward (coinrun and caveflyer with the paper's penalty).
+    # Drawn as the world model's batches are (half of them around a reward, the reward 1-L steps back), the last state
+    # of a window sits just after the next episode's start: its burn-in holds a reset, its h a short memory. Uniform
+    # windows hold one only about burn_in / (mean episode length) of the time.
+    rng = np.random.RandomState(0)
+    num_envs, steps, burn_in = 2, 6000, 25
+    dataset = ReplayDataset(num_envs, steps)
+    ends = [set(np.cumsum(rng.randint(60, 401, size=steps // 60)) - 1) for _ in range(num_envs)]
+    starts = [{0} | {t + 1 for t in e} for e in ends]
+    for t in range(steps):
+        end = np.array([t in e for e in ends])
+        dataset.add(obs=0, actions=np.zeros(num_envs), rewards=np.where(end, 10.0, 0.0), conts=1.0 - end,
+                    is_first=np.array([t in s for s in starts]), logprobs=np.zeros(num_envs))
+    args = tiny_args(burn_in=burn_in)
+    np.random.seed(0)
+    h, _ = dreamer_ppo.collected_initial_states(ResetCounter(), dataset, 4000, args)
+    uniform_rate = (h[:, 0] > 0).float().mean().item()
+    prioritised = dataset.sample(4000, burn_in + 1, args.reward_seq_fraction)["is_first"][:, 1:]
+    prioritised_rate = prioritised.any(1).mean()
+    print(f"start states with a reset in their burn-in: {uniform_rate:.3f} uniform, {prioritised_rate:.3f} prioritised")
+    assert 0.05 < uniform_rate < 0.16 and prioritised_rate > 0.4
+
+
+def test_a_dreams_imagined_return_weighs_its_rewards_by_the_predicted_continuation(args, models, monkeypatch):
+    # Every dream step predicts reward 2 and continuation 0.5: a dream of H steps is still going at step t with
+    # chance 0.5^t, and its imagined return is 2 (1 + 0.5 + ... + 0.5^(H-1)).
+    wm, agent = models
+    monkeypatch.setattr(wm, "heads", lambda feat: (torch.full(feat.shape[:-1], 2.0), torch.full(feat.shape[:-1], 0.5)))
+    with torch.no_grad():
+        h, z = random_initial_states(wm, 6)
+    _, stats = imagine(wm, agent, h, z, args.horizon, args)
+    assert stats["return_mean"] == pytest.approx(2 * sum(0.5**t for t in range(args.horizon)))

@@ -380,7 +380,7 @@ def test_speed_table_at_tiny_size(tmp_path, script, night_parts):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert "(epochs: 2 day, 2 night; 1 run)" in lines[1]
-    parts = [("day", p) for p in ("world_model", "acting", "ppo", "evaluation")]
+    parts = [("day", p) for p in ("world_model", "acting", "ppo", "evaluation", "diagnostics")]
     parts += [("night", p) for p in (*night_parts, "ppo", "evaluation")]
     rows = [line.split() for line in lines[2:2 + len(parts)]]
     assert [tuple(r[:2]) for r in rows] == parts

@@ -31,6 +31,7 @@ from conftest import SIZE_FLAGS, crafted_dataset, finish, make_models, make_opti
     (dict(day_checkpoint="nowhere/day.pt"), "--day-checkpoint", ["nowhere/day.pt"]),
     (dict(resume=True), "--resume", ["--run-dir"]),
     (dict(checkpoint_every=-1), "--checkpoint-every", ["-1"]),
+    (dict(final_episodes=-2), "--final-episodes", ["0 or more", "-2"]),
 ])
 def test_check_args_refuses_bad_input(changes, flag, words):
     with pytest.raises(SystemExit) as e:
@@ -272,6 +273,13 @@ def test_day_and_night_run(day_runs, init):
     assert all(v == 0 for _, v in tags["dream/transformed_frac"])  # the baseline does not transform
     assert [s for s, _ in tags["losses/value_loss"]] == steps
     assert "dream/before_after" in run["images"]  # decoded dreams at the first night epoch (Figure 2)
+    # the final evaluation at each phase's end; the open-loop prediction before each day epoch's updates (on the
+    # model of the step before); the dreams' imagined return each night epoch
+    for tag in ("final/test_return", "final/test_return_se", "final/train_levels_return"):
+        assert [s for s, _ in tags[tag]] == [day_end, steps[-1]], tag
+    assert [s for s, _ in tags["openloop/image_mse"]] == [0] + steps[:DAY_EPOCHS - 1]
+    assert "openloop/truth_prediction_error" in run["images"]
+    assert [s for s, _ in tags["dream/return_mean"]] == steps[DAY_EPOCHS:]
     # a run at other sizes than the paper's names them and prints the full protocol's command
     line = next(line for line in run["out"].splitlines() if line.startswith("not the paper's protocol"))
     changed = line[line.index("(") + 1: line.index(" changed)")].split()

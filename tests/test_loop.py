@@ -227,3 +227,52 @@ def test_an_error_in_the_background_evaluation_reaches_the_run(monkeypatch):
     evaluation.start(wm, agent, "night", 1, 2, 100, "")
     with pytest.raises(RuntimeError, match="no environments here"):
         evaluation.finish()
+
+
+class RowRewardEnv(StampedEnv):
+    """A StampedEnv in which row i earns reward i at every step: episodes of `length` steps score i x length."""
+
+    def step(self, action):
+        obs, _, done, info = super().step(action)
+        return obs, np.arange(self.num_envs, dtype=np.float32), done, info
+
+
+def test_final_evaluation_plays_the_same_levels_for_a_day_and_its_nights(monkeypatch):
+    # The final evaluation of a phase plays --final-episodes episodes of each kind on levels drawn from the seed alone:
+    # the day's final agent and each night's (another agent, another step) meet the same levels, so that night - day
+    # is a paired difference. Its means come with their standard errors.
+    made = []
+
+    def recording_make_env(env_id, num_envs, num_levels, seed):
+        made.append((num_envs, num_levels, seed))
+        return RowRewardEnv(num_envs, length=4, tag=1)
+
+    monkeypatch.setattr(dreamer_ppo, "make_env", recording_make_env)
+    args = tiny_args(final_episodes=6)
+    day_agent, night_agent = make_models(args, seed=0), make_models(args, seed=1)
+    log = RecordingLog()
+    dreamer_ppo.final_evaluation(*day_agent, args, CPU, log, "day", 300)
+    dreamer_ppo.final_evaluation(*night_agent, args, CPU, log, "night", 420)
+    assert made[:2] == made[2:] and [m[:2] for m in made[:2]] == [(6, 0), (6, args.num_levels)]
+    dreamer_ppo.evaluate(*day_agent, args, 300, CPU)
+    assert made[-1][2] != made[0][2]  # an epoch's evaluation: other levels
+    scores = 4 * np.arange(6)
+    expected = dict(test_return=scores.mean(), test_return_se=scores.std(ddof=1) / np.sqrt(6))
+    expected.update(train_levels_return=expected["test_return"], train_levels_return_se=expected["test_return_se"])
+    for step in (300, 420):
+        logged = {tag: value for tag, at, value in log.points if at == step}
+        assert logged == pytest.approx({f"final/{k}": v for k, v in expected.items()})
+    dreamer_ppo.final_evaluation(*day_agent, replace(args, final_episodes=0), CPU, log, "day", 500)
+    assert len(made) == 6 and not [p for p in log.points if p[1] == 500]  # 0 skips it
+
+
+def test_an_evaluation_of_a_broken_policy_stops_the_run(monkeypatch):
+    # A policy whose probabilities hold NaN would play action 0 every step (the argmax of NaN rows): a return of a
+    # broken policy, recorded as if it were one. The evaluation stops the run instead.
+    action_reward_envs(monkeypatch)
+    args = tiny_args()
+    wm, agent = make_models(args)
+    with torch.no_grad():
+        agent.actor[-1].bias[3] = float("nan")
+    with pytest.raises(SystemExit, match="not finite in the evaluation at step 100"):
+        dreamer_ppo.evaluate(wm, agent, args, 100, CPU)

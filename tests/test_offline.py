@@ -300,7 +300,9 @@ def test_offline_night_runs(offline_runs, start):
         night = [(s, v) for s, v in tags[tag] if s > day_end]  # losses, SPS and times are logged by day too
         assert [s for s, _ in night] == steps[1:], tag
         assert all(math.isfinite(v) and (v >= 0 or not tag.startswith("time/")) for _, v in night), tag
-    assert all(tag.startswith(("charts/", "losses/", "world_model/", "offline/", "time/")) for tag in tags)
+    assert all(tag.startswith(("charts/", "losses/", "world_model/", "offline/", "time/", "final/", "openloop/"))
+               for tag in tags)
+    assert [s for s, _ in tags["final/test_return"]] == ([day_end] if start == "scratch" else []) + steps[-1:]
     (_, lr1), (_, lr2) = tags["offline/actor_lr"]
     tv1 = tags["offline/tv"][0][1]
     assert lr1 == pytest.approx(1e-4)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import dreamer_ppo
 from dreamer_ppo import ReplayDataset, reward_shaping, shape_reward
 from conftest import CPU, crafted_dataset, is_onehot, random_batch, tiny_args
+from test_loop import RecordingLog
 
 
 # %% reward shaping
@@ -151,7 +152,7 @@ def test_loss_metrics_combine_as_eq1(args, models):
     assert m["image_loss"] > 100
 
 
-def argmax_onehot(probs):
+def argmax_onehot(probs, generator=None):
     """sample_onehot with the sample replaced by the most likely class: deterministic, whatever the RNG."""
     return F.one_hot(probs.argmax(-1), probs.shape[-1]).to(probs.dtype) + (probs - probs.detach())
 
@@ -332,7 +333,7 @@ def test_dreamerv3_gru_cell_by_hand():
     torch.nn.init.zeros_(cell.linear.weight)
     assert torch.allclose(cell(x, h), (1 - torch.sigmoid(torch.tensor(-1.0))) * h)
     torch.nn.init.normal_(cell.linear.weight)
-    parts = torch.nn.functional.layer_norm(torch.cat([x, h], -1) @ cell.linear.weight.T, (12,))
+    parts = torch.nn.functional.layer_norm(torch.cat([x, h], -1) @ cell.linear.weight.T, (12,), eps=1e-3)
     r, c, u = torch.sigmoid(parts[:, :4]), parts[:, 4:8], torch.sigmoid(parts[:, 8:] - 1)
     assert torch.allclose(cell(x, h), u * torch.tanh(r * c) + (1 - u) * h, atol=1e-6)
 
@@ -340,3 +341,74 @@ def test_dreamerv3_gru_cell_by_hand():
 def test_world_model_recurrence_is_the_layernorm_gru(args):
     wm = dreamer_ppo.WorldModel(args, 15)
     assert isinstance(wm.gru, dreamer_ppo.LayerNormGRUCell) and wm.gru.hidden_size == args.rnn_units
+
+
+def test_layer_norms_use_dreamerv3s_epsilon(args, models):
+    norms = [m for model in models for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) >= 10 and all(m.eps == 1e-3 for m in norms)
+
+
+class Oracle:
+    """A world-model stand-in that knows the data: a state h is (environment, step), read off a frame's stamp; it
+    predicts the stored reward, continuation and frame of its step, or (`wrong`) none of them."""
+
+    def __init__(self, dataset, wrong=False):
+        self.data, self.wrong = {k: torch.as_tensor(v) for k, v in dataset.data.items()}, wrong
+
+    def observe(self, obs, actions, conts, is_first, generator=None):
+        return obs[..., 0, 0, :2].flip(-1).float(), torch.zeros(*obs.shape[:2], 2, 2), None, None, None
+
+    def recurrent(self, h, z, action):
+        return h + torch.tensor([0.0, 1.0])
+
+    def prior(self, h):
+        return torch.full((len(h), 2, 2), 0.5)
+
+    def lookup(self, feat):
+        return feat[..., 0].long(), feat[..., 1].long()
+
+    def heads(self, feat):
+        env, t = self.lookup(feat)
+        reward, cont = self.data["rewards"][env, t - 1], self.data["conts"][env, t - 1]  # r_t, c_t stored at t - 1
+        return (torch.zeros_like(reward), 1 - cont) if self.wrong else (reward, cont)
+
+    def decoder(self, feat):
+        env, t = self.lookup(feat)
+        image = dreamer_ppo.preprocess(self.data["obs"][env, t])
+        return torch.zeros_like(image) if self.wrong else image
+
+
+class ImageLog(RecordingLog):
+    def __init__(self):
+        super().__init__()
+        self.writer, self.images = self, []
+
+    def add_image(self, tag, image, step):
+        self.images.append((tag, tuple(image.shape), step))
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_open_loop_metrics_of_a_perfect_and_a_wrong_model(wrong):
+    # Frames stamped with their step (and environment), a reward every third step, an episode end every 11th.
+    num_envs, steps = 2, 120
+    dataset = ReplayDataset(num_envs, steps)
+    rng = np.random.RandomState(0)
+    for t in range(steps):
+        obs = rng.randint(0, 256, (num_envs, 64, 64, 3)).astype(np.uint8)
+        obs[:, 0, 0, :2] = np.stack([np.full(num_envs, t), np.arange(num_envs)], 1)
+        dataset.add(obs=obs, actions=np.zeros(num_envs), rewards=np.full(num_envs, 2.0 if t % 3 == 0 else 0.0),
+                    conts=np.full(num_envs, 0.0 if t % 11 == 10 else 1.0), is_first=np.full(num_envs, t % 11 == 0),
+                    logprobs=np.zeros(num_envs))
+    args = tiny_args(wm_batch_size=16, burn_in=3, horizon=5, dream_images_every=1)
+    log = ImageLog()
+    dreamer_ppo.open_loop(Oracle(dataset, wrong), dataset, 0, args, CPU, log, 700, 1)
+    logged = {tag.removeprefix("openloop/"): value for tag, step, value in log.points if step == 700}
+    ks = ("", "_1", "_2", "_4", "_5")
+    assert {f"{m}{k}" for m in ("reward_error", "cont_accuracy", "image_mse") for k in ks} <= set(logged)
+    assert logged["rewards_seen"] > 0 and "reward_recall" in logged
+    expected = (dict(reward_recall=0.0, cont_accuracy=0.0) if wrong else
+                dict(reward_error=0.0, reward_recall=1.0, cont_accuracy=1.0, image_mse=0.0))
+    assert {k: logged[k] for k in expected} == pytest.approx(expected)
+    if wrong:
+        assert logged["reward_error"] > 0.3 and logged["image_mse"] > 0.05
+    assert log.images == [("openloop/truth_prediction_error", (3, 6 * 64, 5 * 64), 700)]
