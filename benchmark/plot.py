@@ -34,7 +34,7 @@ from scipy import stats  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmark.run import DAY, DONE, FIGURES, METHODS, env_list, methods_of, run_dir  # noqa: E402
+from benchmark.run import DAY, DONE, FIGURES, METHODS, methods_of, read_settings, run_dir  # noqa: E402
 
 TEST, TRAIN = "charts/test_return", "charts/train_levels_return"
 LAST = 10  # epochs averaged at the end of a phase
@@ -222,14 +222,14 @@ def table(data, games, seeds, methods, ends, randoms):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/benchmark")
-    p.add_argument("--envs", nargs="+", default=env_list("ENVS", "coinrun caveflyer chaser plunder"))
-    p.add_argument("--seeds", nargs="+", type=int, default=[int(s) for s in env_list("SEEDS", "1 2 3 4 5")])
+    p.add_argument("--envs", nargs="+", help="instead of ENVS (default: coinrun caveflyer chaser plunder)")
+    p.add_argument("--seeds", nargs="+", help="instead of SEEDS (default: 1 2 3 4 5)")
     p.add_argument("--figures", nargs="+", choices=FIGURES, default=list(FIGURES))
     p.add_argument("--gap-method", choices=METHODS, default="dreamer_random",
                    help="the method whose nights the generalization-gap figure shows")
     p.add_argument("--random-episodes", type=int, default=100)
     p.add_argument("--reps", type=int, default=2000, help="bootstrap resamples of the aggregate's CIs")
-    args = p.parse_args(argv)
+    args = read_settings(p.parse_args(argv), ("envs", "seeds"))
     from benchmark.random_score import cached_random_scores  # imports the scripts (torch): only when plotting
 
     methods = methods_of(args.figures)

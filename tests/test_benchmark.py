@@ -1,10 +1,13 @@
 """Tests of benchmark/: the runner's matrix, skip logic, failures, replay deletion and SLURM submission (on fake
 scripts), the plotter on synthetic TensorBoard events of known means, and the whole pipeline at tiny sizes."""
 
+import csv
 import fcntl
 import json
 import os
 import pickle
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -14,6 +17,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import dreamer_ppo
 from benchmark import plot, random_score
 from benchmark import run as runner
 from conftest import SIZE_FLAGS
@@ -32,7 +36,7 @@ SCRIPTS = {"fig3": ["dreamer_random", "dreamer_collected"],
 
 def bash(script, out, *args, **variables):
     """Run benchmark/{script}.sh with the interface's variables; returns the CompletedProcess."""
-    env = {k: v for k, v in os.environ.items() if k not in ("ENVS", "SEEDS", "PRESET", "WORKERS", "BACKEND")}
+    env = {k: v for k, v in os.environ.items() if k not in ("ENVS", "SEEDS", "PRESET", "WORKERS", "BACKEND", "SMOOTH")}
     env.update(OUT=str(out), PYTHON=sys.executable, **variables)
     return subprocess.run(["bash", str(ROOT / "benchmark" / f"{script}.sh"), *args], env=env, capture_output=True,
                           text=True, timeout=600)
@@ -98,6 +102,65 @@ def test_dry_run_cpu_preset(tmp_path):
     assert flag(day, "--rnn-units") == flag(night, "--rnn-units") == "256" and flag(night, "--penalty") == "0"
 
 
+# %% settings, refused before anything is written
+@pytest.mark.parametrize("variables, allowed", [
+    (dict(SEEDS="abc"), "'abc' is not a seed; seeds are whole numbers, 0 <= seed < 2^31"),
+    (dict(SEEDS="1 -1"), "'-1' is not a seed"), (dict(SEEDS="2147483648"), "0 <= seed < 2^31"),
+    (dict(SEEDS=""), "at least one seed"), (dict(PRESET="huge"), "one of paper, cpu, tiny"),
+    (dict(WORKERS="-2"), "a whole number, 1 or more"), (dict(WORKERS="0"), "a whole number, 1 or more"),
+    (dict(WORKERS_PER_GPU="four"), "1 or more"),
+    (dict(BACKEND="aws"), "one of local, slurm"), (dict(SLURM_TIME_MIN="4h", BACKEND="slurm"), "1 or more"),
+    (dict(ENVS="notagame"), "'notagame' is not a ProcGen game; the games (in lower case) are bigfish, "),
+    (dict(ENVS="CoinRun", DRY_RUN="1"), "'CoinRun' is not a ProcGen game"), (dict(ENVS=" "), "at least one"),
+    (dict(DRY_RUN="yes"), "1 (on), or 0 or empty (off)"), (dict(KEEP_REPLAY="true"), "1 (on)")])
+def test_bad_settings_refused_in_one_line_before_anything(tmp_path, variables, allowed):
+    """The first variable is the bad one: refused in one line naming it, its value and what is allowed; exit 2."""
+    out = tmp_path / "out"
+    result = bash("all", out, **variables)
+    name, value = next(iter(variables.items()))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [result.stderr.strip()]  # one line, no traceback
+    assert result.stderr.startswith(f"{name}={value!r}: ") and allowed in result.stderr
+    assert not out.exists()
+
+
+def test_bad_flag_refused_by_its_name(fake, capsys):
+    with pytest.raises(SystemExit) as stop:
+        runner.main(["--figures", "fig3", "--seeds", "1", "x", "--out", str(fake.out)])
+    assert stop.value.code == 2 and capsys.readouterr().err == "--seeds='1 x': 'x' is not a seed; seeds are whole " \
+                                                                "numbers, 0 <= seed < 2^31\n"
+    assert not fake.out.exists()
+
+
+def test_a_file_as_out_refused(tmp_path):
+    (tmp_path / "out").write_text("")
+    result = bash("fig3", tmp_path / "out")
+    assert result.returncode == 2 and result.stderr == f"OUT={str(tmp_path / 'out')!r}: a directory (this is a file)\n"
+
+
+def test_games_given_twice_run_once(tmp_path):
+    result = bash("fig3", tmp_path, ENVS="coinrun,coinrun chaser", SEEDS="1,1 2", DRY_RUN="1")
+    assert result.returncode == 0
+    assert "ENVS='coinrun,coinrun chaser': coinrun given more than once, run once" in result.stderr
+    assert "SEEDS='1,1 2': 1 given more than once, run once" in result.stderr
+    cmds = [line.split() for line in result.stdout.strip().splitlines()]
+    assert len(cmds) == 2 * 2 * 3 + 1 and cmds[-1][cmds[-1].index("--seeds") + 1:][:3] == ["1", "2", "--figures"]
+
+
+def test_the_runners_games_are_procgens():
+    assert runner.GAMES == dreamer_ppo.PROCGEN_GAMES
+
+
+def test_dry_run_into_a_pipe_closed_early(tmp_path):
+    """`| head`: the reader goes after one line of about 3,000 (more than a pipe holds); no traceback."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, DRY_RUN="1", SEEDS=" ".join(map(str, range(100))))
+    result = subprocess.run(["bash", "-c", f"bash {ROOT / 'benchmark' / 'all.sh'} | head -n 1; echo ${{PIPESTATUS[0]}}"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    first, status = result.stdout.splitlines()
+    assert "dreamer_ppo.py --env-id coinrun --seed 0 " in first and status == "0"
+    assert "Traceback" not in result.stderr and "Error" not in result.stderr
+
+
 # %% running, on fake scripts
 FAKE_SCRIPT = textwrap.dedent("""\
     import os, sys
@@ -122,6 +185,16 @@ FAKE_SCRIPT = textwrap.dedent("""\
     for code, name in ((1, "FAIL"), (75, "STOP")):  # a failure; a stop by SIGTERM after a checkpoint
         if os.environ.get(name) and os.environ[name] in str(d):
             sys.exit(code)
+    if os.environ.get("SLEEP") and os.environ["SLEEP"] in str(d):  # a long epoch, stopped as the scripts stop
+        import signal, time
+        def stop(signum, frame):
+            (d / "stopped").write_text(signal.Signals(signum).name)
+            sys.exit({signal.SIGTERM: 75, signal.SIGINT: 130}[signum])
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        (d / "ready").write_text(str(os.getpid()))
+        time.sleep(60)
+        sys.exit("not stopped")
 """)
 
 
@@ -134,8 +207,10 @@ def fake(tmp_path, monkeypatch):
     for script in {m.script for m in runner.METHODS.values()}:
         (root / script).write_text(FAKE_SCRIPT)
     (root / "benchmark" / "plot.py").write_text("from pathlib import Path\nPath(__file__).with_name('plotted').touch()\n")
+    shutil.copy(runner.__file__, root / "benchmark" / "run.py")  # for a runner in its own process, on these scripts
     monkeypatch.setattr(runner, "ROOT", root)
-    for name in ("ENVS", "SEEDS", "PRESET", "WORKERS", "DRY_RUN", "BACKEND", "KEEP_REPLAY", "FAIL", "STOP"):
+    for name in ("ENVS", "SEEDS", "PRESET", "WORKERS", "DRY_RUN", "BACKEND", "KEEP_REPLAY", "FAIL", "STOP", "SLEEP",
+                 "SMOOTH"):
         monkeypatch.delenv(name, raising=False)
     out = tmp_path / "out"
 
@@ -175,7 +250,7 @@ def test_failed_day_skips_its_nights_and_a_rerun_finishes(fake, capsys):
 
     assert fake("fig3", "fig4", "fig5") == (0, [])  # everything finished: nothing runs
 
-    with open(fake.out / ".runner.lock") as held:  # as if another runner were using OUT
+    with open(fake.out / runner.LOCK, "w") as held:  # as if another runner were using OUT
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(SystemExit, match="another benchmark runner"):
             fake("fig3")
@@ -199,6 +274,43 @@ def test_unfinished_runs_go_on_in_their_directory(fake, capsys):
     assert "STOPPED coinrun/day/seed2: by a signal, with its checkpoint; run the benchmark again" in report
     code, ran = fake("fig5")
     assert code == 0 and ran == names(["day", "rnd", "deepdream", "valdiv", "full"], ["2"])
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "Ctrl-C"])
+def test_a_stopped_runner_stops_its_runs_reports_and_goes_on_next_time(fake, how):
+    """SIGTERM or SIGINT to the runner alone (a time limit, kill), or SIGINT to its process group (Ctrl-C in a
+    terminal): no run starts, the day under way gets SIGTERM and exits 75 (with Ctrl-C it may have exited 130
+    first), the runner waits for it, reports, removes its lock and exits 128 + the signal; the next start goes on."""
+    cmd = [sys.executable, str(fake.root / "benchmark" / "run.py"), "--figures", "fig3", "--envs", "coinrun",
+           "--seeds", "1", "--out", str(fake.out)]
+    env = {k: v for k, v in os.environ.items() if k not in ("ENVS", "SEEDS", "WORKERS", "SMOOTH")}
+    proc = subprocess.Popen(cmd, env=dict(env, SLEEP="day/seed1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    day = fake.out / "coinrun" / "day" / "seed1"
+    for _ in range(300):
+        if (day / "ready").exists() and (day / "ready").read_text():
+            break
+        proc.poll() is None or pytest.fail(proc.communicate()[1])
+        subprocess.run(["sleep", "0.1"])
+    pid = int((day / "ready").read_text())
+    signum = signal.SIGTERM if how == "SIGTERM" else signal.SIGINT
+    (os.killpg if how == "Ctrl-C" else os.kill)(proc.pid, signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in out + err and (day / "stopped").read_text() in ("SIGTERM", "SIGINT")
+    if how != "Ctrl-C":
+        assert (day / "stopped").read_text() == "SIGTERM"
+        assert "STOPPED coinrun/day/seed1: by a signal, with its checkpoint; run the benchmark again" in out
+    assert "STOPPED coinrun/day/seed1: " in out
+    assert out.strip().splitlines()[-1] == (f"STOPPED by {signal.Signals(signum).name}: 1 runs stopped, 2 not started, "
+                                            "the figures not drawn; the same command goes on from there")
+    with pytest.raises(ProcessLookupError):  # the runner waited for it
+        os.kill(pid, 0)
+    assert not (fake.out / runner.LOCK).exists() and not (day / runner.DONE).exists()
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "3 runs finished" in done.stdout
+    assert (day / runner.LOG).read_text().count("--resume") == 2 and (fake.root / "benchmark" / "plotted").exists()
 
 
 def test_replay_kept_until_its_last_data_night(fake):
