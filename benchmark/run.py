@@ -16,6 +16,7 @@ Settings come from the environment (the interface of the shell scripts) or the f
   WORKERS  local runs at once; default WORKERS_PER_GPU (default 4) per visible GPU, at most one per CPU
            core, or one per 2 CPU cores without a GPU. Runs on one GPU share it (it is idle most of the time).
   OUT      where runs (OUT/{game}/{method}/seed{S}) and figures (OUT/figures) go, default runs/benchmark
+  SMOOTH   the figures' trailing moving average over SMOOTH evaluations of each seed (default 1: none)
   DRY_RUN=1       print every command, one per line, and run nothing
   BACKEND  local (default) or slurm (submitit: one job per run, each night after its day with afterok;
            SLURM_PARTITION, SLURM_TIME_MIN (default 240), SLURM_MEM_GB (default 32), SLURM_CPUS (default 8));
@@ -394,7 +395,7 @@ def read_out(label, text):
 # name: (its variable, the default, the reader of its text). The flag of the same name, if given, wins.
 SETTINGS = dict(envs=("ENVS", "coinrun caveflyer chaser plunder", read_games), seeds=("SEEDS", "1 2 3 4 5", read_seeds),
                 preset=("PRESET", "paper", one_of(PRESETS)), workers=("WORKERS", "", read_count),
-                workers_per_gpu=("WORKERS_PER_GPU", "4", read_count),
+                workers_per_gpu=("WORKERS_PER_GPU", "4", read_count), smooth=("SMOOTH", "1", read_count),
                 out=("OUT", "runs/benchmark", read_out), dry_run=("DRY_RUN", "", read_switch),
                 backend=("BACKEND", "local", one_of(BACKENDS)), keep_replay=("KEEP_REPLAY", "", read_switch),
                 slurm_time_min=("SLURM_TIME_MIN", "240", read_count), slurm_mem_gb=("SLURM_MEM_GB", "32", read_count),
@@ -424,12 +425,13 @@ def parse(argv):
     p.add_argument("--seeds", nargs="+", help="instead of SEEDS")
     p.add_argument("--preset", help="instead of PRESET")
     p.add_argument("--workers", help="instead of WORKERS")
+    p.add_argument("--smooth", help="instead of SMOOTH")
     p.add_argument("--out", help="instead of OUT")
     p.add_argument("--dry-run", action="store_const", const="1", help="DRY_RUN=1")
     p.add_argument("--backend", help="instead of BACKEND")
     p.add_argument("--keep-replay", action="store_const", const="1", help="KEEP_REPLAY=1")
-    args = read_settings(p.parse_args(argv), ("envs", "seeds", "preset", "workers", "workers_per_gpu", "out",
-                                               "dry_run", "backend", "keep_replay"))
+    args = read_settings(p.parse_args(argv), ("envs", "seeds", "preset", "workers", "workers_per_gpu", "smooth",
+                                               "out", "dry_run", "backend", "keep_replay"))
     if args.backend == "slurm":
         read_settings(args, ("slurm_time_min", "slurm_mem_gb", "slurm_cpus"))
     args.extra = tuple(extra)
@@ -442,7 +444,7 @@ def main(argv=None):
     runs = expand(args.envs, args.seeds, methods, args.preset, args.extra, args.out)
     todo = pending(runs)
     plot_cmd = [sys.executable, str(ROOT / "benchmark" / "plot.py"), "--out", args.out, "--envs", *args.envs,
-                "--seeds", *map(str, args.seeds), "--figures", *args.figures]
+                "--seeds", *map(str, args.seeds), "--figures", *args.figures, "--smooth", str(args.smooth)]
     print(f"# {len(runs)} runs ({len(runs) - len(todo)} finished, {len(todo)} to run), preset {args.preset}, "
           f"out {args.out}", file=sys.stderr, flush=True)
     if args.dry_run:

@@ -1,7 +1,6 @@
 """Tests of benchmark/: the runner's matrix, skip logic, failures, replay deletion and SLURM submission (on fake
 scripts), the plotter on synthetic TensorBoard events of known means, and the whole pipeline at tiny sizes."""
 
-import csv
 import fcntl
 import json
 import os
@@ -97,7 +96,9 @@ def test_dry_run_defaults_are_the_papers(tmp_path):
 
 
 def test_dry_run_cpu_preset(tmp_path):
-    day, night = dry_run("fig3", tmp_path, ENVS="chaser", SEEDS="7", PRESET="cpu")[:2]
+    cmds = dry_run("fig3", tmp_path, ENVS="chaser", SEEDS="7", PRESET="cpu", SMOOTH="4")
+    day, night = cmds[:2]
+    assert flag(cmds[-1], "--smooth") == "4"  # the figures' moving average, passed to plot.py
     assert flag(day, "--day-epochs") == flag(night, "--day-epochs") == "40" and flag(night, "--night-epochs") == "40"
     assert flag(day, "--rnn-units") == flag(night, "--rnn-units") == "256" and flag(night, "--penalty") == "0"
 
@@ -108,7 +109,7 @@ def test_dry_run_cpu_preset(tmp_path):
     (dict(SEEDS="1 -1"), "'-1' is not a seed"), (dict(SEEDS="2147483648"), "0 <= seed < 2^31"),
     (dict(SEEDS=""), "at least one seed"), (dict(PRESET="huge"), "one of paper, cpu, tiny"),
     (dict(WORKERS="-2"), "a whole number, 1 or more"), (dict(WORKERS="0"), "a whole number, 1 or more"),
-    (dict(WORKERS_PER_GPU="four"), "1 or more"),
+    (dict(WORKERS_PER_GPU="four"), "1 or more"), (dict(SMOOTH="0"), "1 or more"),
     (dict(BACKEND="aws"), "one of local, slurm"), (dict(SLURM_TIME_MIN="4h", BACKEND="slurm"), "1 or more"),
     (dict(ENVS="notagame"), "'notagame' is not a ProcGen game; the games (in lower case) are bigfish, "),
     (dict(ENVS="CoinRun", DRY_RUN="1"), "'CoinRun' is not a ProcGen game"), (dict(ENVS=" "), "at least one"),
@@ -419,8 +420,13 @@ def synthetic(tmp_path_factory):
                       step0=DAY_END, every=400)
     (runner.run_dir(out, "coinrun", "valdiv", 2) / runner.DONE).unlink()
     (out / "random_scores.json").write_text(json.dumps({"coinrun": {"episodes": 100, "score": 2.5}}))
-    plot.main(["--out", str(out), "--envs", "coinrun", "--seeds", "1", "2", "3", "--reps", "200"])
+    assert plot.main(["--out", str(out), "--envs", "coinrun", "--seeds", "1", "2", "3", "--reps", "200"]) == 0
     return out
+
+
+def synthetic_data(out, methods=tuple(runner.METHODS)):
+    """plot.load's data of the synthetic runs, and the day's end."""
+    return plot.load(out, ["coinrun"], [1, 2, 3], methods), {"coinrun": DAY_END}
 
 
 def row(table, label, which=0):
@@ -443,6 +449,90 @@ def test_table_means_and_cis(synthetic):
     assert row(table, "day (shared)")[:2] == ["3", "-0.600"]
     assert row(table, "Dreamer (random init.)", -1)[:2] == ["3", "-0.200"]
     assert row(table, "FullDreamer", -1) == ["0", "missing", "missing |"]
+
+
+def lines_of(fig):
+    """{label: Line2D} of the figure's first panel."""
+    return {line.get_label(): line for line in fig.axes[0].get_lines()}
+
+
+@pytest.mark.parametrize("name, equal", [("fig3", ["dreamer_random", "dreamer_collected"]),
+                                         ("fig4", ["dreamer_random", "rnd", "deepdream"])])
+def test_methods_with_equal_curves_all_show(synthetic, name, equal):
+    """Each method its own (marker, dash) and marker size; the legend in the paper's order."""
+    data, ends = synthetic_data(synthetic)
+    fig = plot.draw_figure(name, data, ["coinrun"], ends, {"coinrun": 2.5}, 1)
+    methods = runner.FIGURES[name]
+    labels = [runner.METHODS[m].label for m in methods]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["day (shared)", *labels, "random policy"]
+    lines = lines_of(fig)
+    assert all(list(lines[runner.METHODS[m].label].get_ydata()) == list(lines[labels[0]].get_ydata()) for m in equal)
+    looks = [(lines[label].get_marker(), lines[label].get_linestyle(), lines[label].get_markersize()) for label in labels]
+    assert len({look[:2] for look in looks}) == len({look[2] for look in looks}) == len(labels)
+    assert all(marker not in ("", "None") for marker, _, _ in looks)
+    plot.plt.close(fig)
+
+
+def test_night_lines_start_at_the_days_end(synthetic):
+    """The gap figure's night lines, train and test levels alike, start at the day's end (a night logs no train-levels
+    return there: the day's is taken)."""
+    data, ends = synthetic_data(synthetic)
+    lines = lines_of(plot.draw_gap(data, ["coinrun"], ends, "rnd", 1))
+    for kind, day_last in (("train levels", 3.0), ("test", 2.0)):  # the mean over seeds of d + 1 and of d
+        assert lines[f"{kind}, night"].get_xdata()[0] == DAY_END == lines[f"{kind}, day"].get_xdata()[-1]
+        assert lines[f"{kind}, night"].get_ydata()[0] == pytest.approx(day_last)
+    plot.plt.close("all")
+
+
+def test_smoothing_and_the_band_said_in_the_title(synthetic):
+    assert list(plot.smoothed(np.array([1.0, 2, 3, 4]), 2)) == [1, 1.5, 2.5, 3.5]
+    assert list(plot.smoothed(np.array([1.0, 5, 3]), 1)) == [1, 5, 3]
+    data, ends = synthetic_data(synthetic)
+    fig = plot.draw_figure("fig5", data, ["coinrun"], ends, {"coinrun": 2.5}, 3)
+    day = lines_of(fig)["day (shared)"].get_ydata()
+    assert day[5] == pytest.approx((100 + 100 + 2) / 3)  # the first epoch of d = seed, after two of 100
+    title = fig.get_suptitle()
+    assert "band: 95% CI of the mean (Student's t over seeds)" in title and "trailing mean over 3 evaluations" in title
+    assert "trailing" not in plot.draw_figure("fig5", data, ["coinrun"], ends, {"coinrun": 2.5}, 1).get_suptitle()
+    plot.plt.close("all")
+
+
+def test_aggregate_ticks_apart_and_one_seed_said_so():
+    """Every method, each from -0.8 to -0.6 (matplotlib's default ticks there, every 0.025, overlapped)."""
+    result = {m: (-0.7, -0.8, -0.6, 1 if m == runner.DAY else 2) for m in (runner.DAY, *runner.METHODS)}
+    fig = plot.draw_aggregate(result, ["coinrun"])
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()][:3] == ["day (1 seed)", "Dreamer (random init.) (2 seeds)",
+                                                                 "Dreamer (collected init.) (2 seeds)"]
+    boxes = sorted((t.get_window_extent() for t in ax.get_xticklabels() if t.get_visible() and t.get_text()),
+                   key=lambda box: box.x0)
+    assert len(boxes) >= 3 and all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))
+    plot.plt.close(fig)
+
+
+def test_plot_with_nothing_finished_says_so_in_one_line(tmp_path, capsys):
+    write_run(runner.run_dir(tmp_path, "coinrun", runner.DAY, 1), [1.0])
+    (runner.run_dir(tmp_path, "coinrun", runner.DAY, 1) / runner.DONE).unlink()  # as after `--gamma 0.5`
+    assert plot.main(["--out", str(tmp_path), "--envs", "coinrun", "--seeds", "1", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"nothing to plot: no run in {tmp_path} has finished (games coinrun, seeds 1 2)\n"
+    assert not (tmp_path / "figures").exists()
+    assert not plot.draw_gap({("coinrun", runner.DAY): {}, ("coinrun", "rnd"): {}}, ["coinrun"], {"coinrun": 0},
+                             "rnd", 1).legends  # no line, no legend (it raised)
+
+
+def test_plot_draws_what_there_is_and_names_what_is_missing(tmp_path, capsys):
+    write_run(runner.run_dir(tmp_path, "coinrun", runner.DAY, 1), [1.0, 2.0], [3.0, 4.0])
+    (tmp_path / "random_scores.json").write_text(json.dumps({"coinrun": {"episodes": 100, "score": 2.5}}))
+    assert plot.main(["--out", str(tmp_path), "--envs", "coinrun", "--seeds", "1", "2", "--figures", "fig3",
+                      "--reps", "50"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == ("not finished, left out: coinrun: day (shared) (seed 2); "
+                                                       "Dreamer (random init.) (seeds 1, 2); Dreamer (collected init.) "
+                                                       "(seeds 1, 2)")
+    assert all((tmp_path / "figures" / name).exists() for name in ("fig3.png", "gap.png", "aggregate.png"))
+    table = (tmp_path / "figures" / "results.md").read_text()
+    assert row(table, "Dreamer (random init.)")[0] == "0/2 (missing: 1, 2)"
 
 
 def test_figures_written(synthetic):
