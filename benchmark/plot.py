@@ -13,7 +13,11 @@ and exits 1), and writes to OUT/figures:
 - results.md: per game and method, the test return at the day's end and at the night's end (each the mean
   of that phase's last 10 epochs), mean ± 95% CI (t) over seeds, the change over the night (paired by
   seed), the train-minus-test gap at both ends, and how many seeds it has; missing runs are named. Then the
-  aggregate over games.
+  final evaluation, where the runs have it (`final/*`: each phase's final agent on levels fixed by the seed, the
+  same for a day and its nights): day, night and their change paired by seed. Then the aggregate over games.
+- final.csv (and --csv PATH): one row per (game, method, seed) of the nights: the final evaluation of the day
+  and of the night (with standard errors), on test and train levels, and each phase's mean of its last 10
+  epochs; an empty field where a value is missing.
 - gap.png/.pdf: train levels vs. test levels (`charts/train_levels_return` and `charts/test_return`) for one
   method per game, day then night: does the night narrow the gap, or raise both?
 - aggregate.png/.pdf: the normalized test return at the night's end (the day's end for the day), over all
@@ -25,6 +29,7 @@ and exits 1), and writes to OUT/figures:
 """
 
 import argparse
+import csv
 import sys
 from pathlib import Path
 
@@ -41,6 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmark.run import DAY, DONE, FIGURES, METHODS, methods_of, read_settings, run_dir, say  # noqa: E402
 
 TEST, TRAIN = "charts/test_return", "charts/train_levels_return"
+# the final evaluation, logged once at the end of each run's phase: on test levels and on train levels, with the
+# standard errors of their means over episodes
+FINAL = dict(test="final/test_return", test_se="final/test_return_se", train="final/train_levels_return",
+             train_se="final/train_levels_return_se")
 LAST = 10  # epochs averaged at the end of a phase
 # ProcGen easy mode (R_min, R_max): Cobbe et al. 2020, "Leveraging Procedural Generation to Benchmark RL", App. C
 EASY_RANGES = {"coinrun": (5, 10), "starpilot": (2.5, 64), "caveflyer": (3.5, 12), "dodgeball": (1.5, 19),
@@ -55,9 +64,12 @@ STYLES = {DAY: ("", "-"), "dreamer_random": ("o", "-"), "dreamer_collected": ("s
 MARKS = 6  # markers per line
 LABELS = {DAY: "day (shared)", **{m: method.label for m, method in METHODS.items()}}
 RANDOM = "random policy"
+CSV_COLUMNS = ("game", "method", "seed", "day_final", "day_final_se", "night_final", "night_final_se",
+               "day_train_final", "day_train_final_se", "night_train_final", "night_train_final_se", "day_last10",
+               "night_last10")
 
 
-def read_run(path, tags=(TEST, TRAIN)):
+def read_run(path, tags=(TEST, TRAIN, *FINAL.values())):
     """{tag: (steps, values)} of a finished run (every scalar tag for tags=None), or None."""
     if not (path / DONE).exists():
         return None
@@ -294,6 +306,59 @@ def table(data, games, seeds, methods, ends, randoms):
     return lines, finals
 
 
+def final(scalars, key):
+    """The run's final evaluation `key` (of FINAL), NaN if it has none."""
+    return float(scalars[FINAL[key]][1][-1]) if FINAL[key] in scalars else np.nan
+
+
+def final_rows(data, games, seeds, methods, ends):
+    """One dict per (game, method, seed) of the nights, with CSV_COLUMNS: NaN where a value is missing."""
+    rows = []
+    for game in games:
+        for m in methods:
+            for s in seeds:
+                day, night = data[game, DAY].get(s, {}), data[game, m].get(s, {})
+                values = {f"{when}_{levels}final{se}": final(run, key + se)  # e.g. day_train_final_se
+                          for when, run in (("day", day), ("night", night))
+                          for levels, key in (("", "test"), ("train_", "train")) for se in ("", "_se")}
+                rows.append(dict(game=game, method=m, seed=s, **values,
+                                 day_last10=end_score(day, TEST, -np.inf, ends[game]),
+                                 night_last10=end_score(night, TEST, ends[game], np.inf)))
+    return rows
+
+
+def final_table(rows):
+    """The markdown table of the final evaluation: day, night and their change paired by seed, on test and train
+    levels; one line instead where no run has it."""
+    if all(np.isnan(r[c]) for r in rows for c in CSV_COLUMNS[3:11]):
+        return ["No run has the final evaluation (the `final/*` scalars: these runs are older than it).", ""]
+    lines = ["Each phase's final agent on many episodes of levels fixed by the seed alone, the same for the day and "
+             "its nights; mean ± 95% CI (Student's t) over the seeds that have both; the change is night − day, "
+             "paired by seed. Per seed: final.csv.", "",
+             "| game | method | seeds | test: day final | test: night final | test: paired change | "
+             "train levels: day final | train levels: night final | train levels: paired change |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key in dict.fromkeys((r["game"], r["method"]) for r in rows):
+        cells, counts = [], []
+        for day, night in (("day_final", "night_final"), ("day_train_final", "night_train_final")):
+            pairs = np.array([(r[day], r[night]) for r in rows if (r["game"], r["method"]) == key
+                              and not np.isnan(r[day]) and not np.isnan(r[night])]).reshape(-1, 2)
+            counts.append(len(pairs))
+            cells += [fmt(pairs[:, 0]), fmt(pairs[:, 1]), fmt(pairs[:, 1] - pairs[:, 0])]
+        count = str(counts[0]) + (f" ({counts[1]} on train levels)" if counts[1] != counts[0] else "")
+        lines.append(f"| {key[0]} | {LABELS[key[1]]} | {count} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def write_csv(rows, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: "" if isinstance(v, float) and np.isnan(v) else f"{v:.6g}" if isinstance(v, float)
+                          else v for k, v in r.items()} for r in rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/benchmark")
@@ -306,6 +371,7 @@ def main(argv=None):
                    help="the method whose nights the generalization-gap figure shows")
     p.add_argument("--random-episodes", type=int, default=100)
     p.add_argument("--reps", type=int, default=2000, help="bootstrap resamples of the aggregate's CIs")
+    p.add_argument("--csv", type=Path, help="also write final.csv here (e.g. under docs/)")
     args = read_settings(p.parse_args(argv), ("envs", "seeds", "smooth"))
     methods = methods_of(args.figures)
     data = load(args.out, args.envs, args.seeds, methods)
@@ -326,6 +392,10 @@ def main(argv=None):
     gap_method = args.gap_method if args.gap_method in methods else methods[0]
     save(draw_gap(data, args.envs, ends, gap_method, args.smooth), figures / "gap")
     lines, finals = table(data, args.envs, args.seeds, methods, ends, randoms)
+    rows = final_rows(data, args.envs, args.seeds, methods, ends)
+    for path in (figures / "final.csv", *([args.csv] if args.csv else [])):
+        write_csv(rows, path)
+    lines += ["## Final evaluation (the same levels for the day and its nights)", "", *final_table(rows)]
     result = aggregate(finals, args.envs, args.reps)
     if result:
         save(draw_aggregate(result, args.envs), figures / "aggregate")
@@ -337,7 +407,7 @@ def main(argv=None):
     lines += [f"| {LABELS[m]} | {result[m][3]} | {result[m][0]:.3f} | [{result[m][1]:.3f}, {result[m][2]:.3f}] |"
               if m in result else f"| {LABELS[m]} | 0 | missing | missing |" for m in (DAY, *methods)]
     (figures / "results.md").write_text("\n".join(lines) + "\n")
-    say(f"figures and results.md in {figures}")
+    say(f"figures, results.md and final.csv in {figures}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Tests of benchmark/: the runner's matrix, skip logic, failures, replay deletion and SLURM submission (on fake
 scripts), the plotter on synthetic TensorBoard events of known means, and the whole pipeline at tiny sizes."""
 
+import csv
 import fcntl
 import json
 import os
@@ -387,10 +388,12 @@ def test_a_preempted_slurm_job_has_its_run_checkpoint_then_requeues_it(monkeypat
 
 # %% the plotter, on synthetic events
 DAY_END = 15 * 1000
+FINAL_CHANGE = {1: 0.5, 2: 1.5, 3: 4.0}  # night - day of the final evaluation on test levels, per seed
 
 
-def write_run(path, test, train=None, first=None, step0=0, every=1000):
-    """Events of one finished run: test (and train) returns at step0 + every * (1, 2, ...), `first` at step0."""
+def write_run(path, test, train=None, first=None, step0=0, every=1000, final=None):
+    """Events of one finished run: test (and train) returns at step0 + every * (1, 2, ...), `first` at step0, and
+    the final evaluation {key of plot.FINAL: value} at the last step."""
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(str(path))
     if first is not None:
@@ -399,6 +402,8 @@ def write_run(path, test, train=None, first=None, step0=0, every=1000):
         writer.add_scalar(plot.TEST, value, step0 + every * k)
         if train is not None:
             writer.add_scalar(plot.TRAIN, train[k - 1], step0 + every * k)
+    for key, value in (final or {}).items():
+        writer.add_scalar(plot.FINAL[key], value, step0 + every * len(test))
     writer.close()
     (path / runner.DONE).write_text("{}")
 
@@ -407,20 +412,25 @@ def write_run(path, test, train=None, first=None, step0=0, every=1000):
 def synthetic(tmp_path_factory):
     """coinrun, seeds 1-3. Day: 5 epochs of 100 then 10 of d = seed (train levels: d + 1). Every night: its first
     point is the day's last (not a night epoch), then 5 epochs of n = 2 * seed (train levels: n + 0.5); the offline
-    night lacks seed 3, valdiv's seed 2 is unfinished (no DONE marker), FullDreamer has none."""
+    night lacks seed 3, valdiv's seed 2 is unfinished (no DONE marker), FullDreamer has none. The final evaluation:
+    the day's 10 + seed (standard error 0.1; train levels 20 + seed), each night's the day's + FINAL_CHANGE[seed]
+    (standard error 0.2; train levels + 1), except the offline night of seed 1 (a run older than it)."""
     out = tmp_path_factory.mktemp("synthetic")
     for s in (1, 2, 3):
         day = [100.0] * 5 + [float(s)] * 10
-        write_run(runner.run_dir(out, "coinrun", runner.DAY, s), day, [v + 1 for v in day])
+        write_run(runner.run_dir(out, "coinrun", runner.DAY, s), day, [v + 1 for v in day],
+                  final=dict(test=10.0 + s, test_se=0.1, train=20.0 + s, train_se=0.1))
         for m in ("dreamer_random", "dreamer_collected", "rnd", "deepdream", "valdiv", "offline"):
             if (m, s) == ("offline", 3):
                 continue
             night = [2.0 * s] * 5
+            final = dict(test=10.0 + s + FINAL_CHANGE[s], test_se=0.2, train=21.0 + s, train_se=0.2)
             write_run(runner.run_dir(out, "coinrun", m, s), night, [v + 0.5 for v in night], first=float(s),
-                      step0=DAY_END, every=400)
+                      step0=DAY_END, every=400, final=None if (m, s) == ("offline", 1) else final)
     (runner.run_dir(out, "coinrun", "valdiv", 2) / runner.DONE).unlink()
     (out / "random_scores.json").write_text(json.dumps({"coinrun": {"episodes": 100, "score": 2.5}}))
-    assert plot.main(["--out", str(out), "--envs", "coinrun", "--seeds", "1", "2", "3", "--reps", "200"]) == 0
+    assert plot.main(["--out", str(out), "--envs", "coinrun", "--seeds", "1", "2", "3", "--reps", "200", "--csv",
+                      str(out / "docs" / "final.csv")]) == 0
     return out
 
 
@@ -449,6 +459,47 @@ def test_table_means_and_cis(synthetic):
     assert row(table, "day (shared)")[:2] == ["3", "-0.600"]
     assert row(table, "Dreamer (random init.)", -1)[:2] == ["3", "-0.200"]
     assert row(table, "FullDreamer", -1) == ["0", "missing", "missing |"]
+
+
+def test_final_evaluation_paired_by_seed(synthetic):
+    table = (synthetic / "figures" / "results.md").read_text()
+    section = table[table.index("## Final evaluation (the same levels for the day and its nights)"):]
+    rows = {cells[0]: cells[1:] for cells in (line.split(" | ")[1:] for line in section.splitlines()
+                                              if line.startswith("| coinrun | "))}
+    t = stats.t.ppf(0.975, 2) / np.sqrt(3)  # sd of (11, 12, 13) is 1
+    night = t * np.sqrt(((11.5 - 14) ** 2 + (13.5 - 14) ** 2 + (17 - 14) ** 2) / 2)  # 10 + seed + FINAL_CHANGE
+    change = t * np.sqrt(((0.5 - 2) ** 2 + (1.5 - 2) ** 2 + (4 - 2) ** 2) / 2)
+    assert rows["RndDreamer"] == ["3", f"12.00 ± {t:.2f}", f"14.00 ± {night:.2f}", f"2.00 ± {change:.2f}",
+                                  f"22.00 ± {t:.2f}", f"23.00 ± {t:.2f}", "1.00 ± 0.00 |"]
+    # seed 1 without a final evaluation, seed 3 without a night: seed 2 alone
+    assert rows["Offline"] == ["1", "12.00", "13.50", "1.50", "22.00", "23.00", "1.00 |"]
+    assert rows["FullDreamer"] == ["0"] + ["missing"] * 5 + ["missing |"]
+
+
+def test_final_csv(synthetic):
+    """One row per (game, method, seed) of the nights; an empty field where a value is missing."""
+    text = (synthetic / "figures" / "final.csv").read_text()
+    assert (synthetic / "docs" / "final.csv").read_text() == text
+    rows = list(csv.DictReader(text.splitlines()))
+    assert list(rows[0]) == ["game", "method", "seed", "day_final", "day_final_se", "night_final", "night_final_se",
+                             "day_train_final", "day_train_final_se", "night_train_final", "night_train_final_se",
+                             "day_last10", "night_last10"]
+    assert [(r["method"], r["seed"]) for r in rows] == [(m, str(s)) for m in runner.METHODS for s in (1, 2, 3)]
+    by = {(r["method"], int(r["seed"])): r for r in rows}
+    assert by["rnd", 2] == dict(game="coinrun", method="rnd", seed="2", day_final="12", day_final_se="0.1",
+                                night_final="13.5", night_final_se="0.2", day_train_final="22",
+                                day_train_final_se="0.1", night_train_final="23", night_train_final_se="0.2",
+                                day_last10="2", night_last10="4")
+    assert by["offline", 1]["night_final"] == by["offline", 1]["night_train_final_se"] == ""  # an older run
+    assert by["offline", 1]["day_final"] == "11" and by["offline", 1]["night_last10"] == "2"
+    assert by["offline", 3]["night_last10"] == by["valdiv", 2]["night_final"] == "" != by["valdiv", 2]["day_final"]
+    assert all(r["night_final"] == "" for r in rows if r["method"] == "full")
+
+
+def test_final_table_says_when_no_run_has_it():
+    rows = [dict(game="coinrun", method="rnd", seed=1, **{c: np.nan for c in plot.CSV_COLUMNS[3:]})]
+    assert plot.final_table(rows)[0] == "No run has the final evaluation (the `final/*` scalars: these runs are " \
+                                        "older than it)."
 
 
 def lines_of(fig):
@@ -530,9 +581,10 @@ def test_plot_draws_what_there_is_and_names_what_is_missing(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[0] == ("not finished, left out: coinrun: day (shared) (seed 2); "
                                                        "Dreamer (random init.) (seeds 1, 2); Dreamer (collected init.) "
                                                        "(seeds 1, 2)")
-    assert all((tmp_path / "figures" / name).exists() for name in ("fig3.png", "gap.png", "aggregate.png"))
+    assert all((tmp_path / "figures" / name).exists() for name in ("fig3.png", "gap.png", "aggregate.png", "final.csv"))
     table = (tmp_path / "figures" / "results.md").read_text()
     assert row(table, "Dreamer (random init.)")[0] == "0/2 (missing: 1, 2)"
+    assert "No run has the final evaluation" in table
 
 
 def test_figures_written(synthetic):
