@@ -187,7 +187,7 @@ def curve(ax, series, smooth, label, color, marker="", linestyle="-", rank=(0, 1
     mean, half = mean_ci(values)
     every = max(1, len(steps) // MARKS)
     ax.plot(steps, mean, color=color, marker=marker, linestyle=linestyle, fillstyle="none", label=label,
-            markersize=3 + 1.5 * (rank[1] - 1 - rank[0]), markevery=(rank[0] * every // rank[1], every))
+            markersize=4 + 1.5 * (rank[1] - 1 - rank[0]), markevery=(rank[0] * every // rank[1], every))
     if len(series) > 1:
         ax.fill_between(steps, mean - half, mean + half, color=color, alpha=0.2, linewidth=0)
 

@@ -233,7 +233,8 @@ class Stop:
         again = self.signal is not None
         self.signal = self.signal or signal.Signals(signum).name
         note = ("again: the runs stop at once, from their last checkpoint" if again else
-                "no run starts; those under way stop at the end of their epoch, with a checkpoint (again: at once)")
+                "no run starts; those under way are told to stop at the end of their epoch, with a checkpoint "
+                "(again: at once)")
         try:  # not print: the signal may have come in the middle of one
             os.write(sys.stderr.fileno(), f"{signal.Signals(signum).name}: {note}\n".encode())
         except OSError:
@@ -471,9 +472,9 @@ def main(argv=None):
 def local(args, runs, plot_cmd):
     """Run what is unfinished here, draw the figures, report; the exit status (128 + the signal's if stopped)."""
     todo = pending(runs)
-    workers = args.workers or default_workers(visible_gpus(), args.workers_per_gpu)
     start = time.time()
     with Stop() as stop:
+        workers = args.workers or default_workers(visible_gpus(), args.workers_per_gpu)  # visible_gpus imports torch
         results, peak = run_local(todo, args.out, workers, args.keep_replay, stop)
         plotted = None
         if stop.signal is None:
