@@ -34,10 +34,15 @@ SCRIPTS = {"fig3": ["dreamer_random", "dreamer_collected"],
            "fig5": ["rnd", "deepdream", "valdiv", "full"], "all": ALL}
 
 
+def environment(**variables):
+    """os.environ without the benchmark's settings, with `variables`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ENVS", "SEEDS", "PRESET", "WORKERS", "BACKEND", "SMOOTH")}
+    return dict(env, **variables)
+
+
 def bash(script, out, *args, **variables):
     """Run benchmark/{script}.sh with the interface's variables; returns the CompletedProcess."""
-    env = {k: v for k, v in os.environ.items() if k not in ("ENVS", "SEEDS", "PRESET", "WORKERS", "BACKEND", "SMOOTH")}
-    env.update(OUT=str(out), PYTHON=sys.executable, **variables)
+    env = environment(OUT=str(out), PYTHON=sys.executable, **variables)
     return subprocess.run(["bash", str(ROOT / "benchmark" / f"{script}.sh"), *args], env=env, capture_output=True,
                           text=True, timeout=600)
 
@@ -155,7 +160,7 @@ def test_the_runners_games_are_procgens():
 
 def test_dry_run_into_a_pipe_closed_early(tmp_path):
     """`| head`: the reader goes after one line of about 3,000 (more than a pipe holds); no traceback."""
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, DRY_RUN="1", SEEDS=" ".join(map(str, range(100))))
+    env = environment(OUT=str(tmp_path), PYTHON=sys.executable, DRY_RUN="1", SEEDS=" ".join(map(str, range(100))))
     result = subprocess.run(["bash", "-c", f"bash {ROOT / 'benchmark' / 'all.sh'} | head -n 1; echo ${{PIPESTATUS[0]}}"],
                             env=env, capture_output=True, text=True, timeout=60)
     first, status = result.stdout.splitlines()
@@ -285,8 +290,7 @@ def test_a_stopped_runner_stops_its_runs_reports_and_goes_on_next_time(fake, how
     first), the runner waits for it, reports, removes its lock and exits 128 + the signal; the next start goes on."""
     cmd = [sys.executable, str(fake.root / "benchmark" / "run.py"), "--figures", "fig3", "--envs", "coinrun",
            "--seeds", "1", "--out", str(fake.out)]
-    env = {k: v for k, v in os.environ.items() if k not in ("ENVS", "SEEDS", "WORKERS", "SMOOTH")}
-    proc = subprocess.Popen(cmd, env=dict(env, SLEEP="day/seed1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=environment(SLEEP="day/seed1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     day = fake.out / "coinrun" / "day" / "seed1"
     for _ in range(300):
@@ -310,7 +314,7 @@ def test_a_stopped_runner_stops_its_runs_reports_and_goes_on_next_time(fake, how
         os.kill(pid, 0)
     assert not (fake.out / runner.LOCK).exists() and not (day / runner.DONE).exists()
 
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(cmd, env=environment(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "3 runs finished" in done.stdout
     assert (day / runner.LOG).read_text().count("--resume") == 2 and (fake.root / "benchmark" / "plotted").exists()
 
