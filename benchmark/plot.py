@@ -1,16 +1,23 @@
 """Figures 3-5, the results table, the generalization gap and an aggregate over games, from the benchmark's runs.
 
 Reads the TensorBoard events of OUT/{game}/{method}/seed{S} (with tensorboard's own EventAccumulator) of the
-runs that finished (a DONE marker, written by benchmark/run.py), and writes to OUT/figures:
+runs that finished (a DONE marker, written by benchmark/run.py), says which are missing (with none, it says so
+and exits 1), and writes to OUT/figures:
 
 - fig3/fig4/fig5 .png and .pdf: one panel per game, `charts/test_return` against steps. The shared day curve
-  once (from the day runs), then one line per method by night (from its night runs), the day/night boundary
-  as a dotted vertical line, the mean over seeds with a 95% confidence band (Student's t over seeds), and the
-  score of a uniformly random policy dashed (measured, benchmark/random_score.py, cached in OUT).
+  once (from the day runs), then one line per method by night (from its night runs, from the day's end on),
+  each method with its own colour, marker and dash (methods with equal curves stay visible), the day/night
+  boundary as a dotted vertical line, the mean over seeds with a 95% confidence band (Student's t over seeds;
+  with --smooth K / SMOOTH=K each seed's curve is first a trailing mean over K evaluations, default 1: none),
+  and the score of a uniformly random policy dashed (measured, benchmark/random_score.py, cached in OUT).
 - results.md: per game and method, the test return at the day's end and at the night's end (each the mean
   of that phase's last 10 epochs), mean ± 95% CI (t) over seeds, the change over the night (paired by
   seed), the train-minus-test gap at both ends, and how many seeds it has; missing runs are named. Then the
-  aggregate over games.
+  final evaluation, where the runs have it (`final/*`: each phase's final agent on levels fixed by the seed, the
+  same for a day and its nights): day, night and their change paired by seed. Then the aggregate over games.
+- final.csv (and --csv PATH): one row per (game, method, seed) of the nights: the final evaluation of the day
+  and of the night (with standard errors), on test and train levels, and each phase's mean of its last 10
+  epochs; an empty field where a value is missing.
 - gap.png/.pdf: train levels vs. test levels (`charts/train_levels_return` and `charts/test_return`) for one
   method per game, day then night: does the night narrow the gap, or raise both?
 - aggregate.png/.pdf: the normalized test return at the night's end (the day's end for the day), over all
@@ -22,6 +29,7 @@ runs that finished (a DONE marker, written by benchmark/run.py), and writes to O
 """
 
 import argparse
+import csv
 import sys
 from pathlib import Path
 
@@ -30,13 +38,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from scipy import stats  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmark.run import DAY, DONE, FIGURES, METHODS, env_list, methods_of, run_dir  # noqa: E402
+from benchmark.run import DAY, DONE, FIGURES, METHODS, methods_of, read_settings, run_dir, say  # noqa: E402
 
 TEST, TRAIN = "charts/test_return", "charts/train_levels_return"
+# the final evaluation, logged once at the end of each run's phase: on test levels and on train levels, with the
+# standard errors of their means over episodes
+FINAL = dict(test="final/test_return", test_se="final/test_return_se", train="final/train_levels_return",
+             train_se="final/train_levels_return_se")
 LAST = 10  # epochs averaged at the end of a phase
 # ProcGen easy mode (R_min, R_max): Cobbe et al. 2020, "Leveraging Procedural Generation to Benchmark RL", App. C
 EASY_RANGES = {"coinrun": (5, 10), "starpilot": (2.5, 64), "caveflyer": (3.5, 12), "dodgeball": (1.5, 19),
@@ -45,10 +58,18 @@ EASY_RANGES = {"coinrun": (5, 10), "starpilot": (2.5, 64), "caveflyer": (3.5, 12
                "plunder": (4.5, 30), "ninja": (3.5, 10), "bossfight": (0.5, 13)}
 COLORS = {DAY: "tab:blue", "dreamer_random": "tab:green", "dreamer_collected": "tab:olive", "rnd": "tab:red",
           "deepdream": "tab:purple", "valdiv": "tab:orange", "full": "tab:brown", "offline": "lightskyblue"}
+# (marker, dash) of each method, all distinct: lines of equal curves stay visible, in colour and in grey
+STYLES = {DAY: ("", "-"), "dreamer_random": ("o", "-"), "dreamer_collected": ("s", "--"), "rnd": ("^", "-."),
+          "deepdream": ("v", ":"), "valdiv": ("D", "--"), "full": ("P", "-."), "offline": ("X", ":")}
+MARKS = 6  # markers per line
 LABELS = {DAY: "day (shared)", **{m: method.label for m, method in METHODS.items()}}
+RANDOM = "random policy"
+CSV_COLUMNS = ("game", "method", "seed", "day_final", "day_final_se", "night_final", "night_final_se",
+               "day_train_final", "day_train_final_se", "night_train_final", "night_train_final_se", "day_last10",
+               "night_last10")
 
 
-def read_run(path, tags=(TEST, TRAIN)):
+def read_run(path, tags=(TEST, TRAIN, *FINAL.values())):
     """{tag: (steps, values)} of a finished run (every scalar tag for tags=None), or None."""
     if not (path / DONE).exists():
         return None
@@ -62,6 +83,21 @@ def load(out, games, seeds, methods):
     """{(game, method): {seed: scalars}} over the finished runs (method DAY for the days)."""
     return {(g, m): {s: r for s in seeds if (r := read_run(run_dir(out, g, m, s))) is not None}
             for g in games for m in (DAY, *methods)}
+
+
+def plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def unfinished(data, games, seeds, methods):
+    """One line per game naming the runs that have not finished (left out), or none."""
+    lines = []
+    for game in games:
+        absent = [f"{LABELS[m]} (seed{'s' * (len(gone) > 1)} {', '.join(map(str, gone))})"
+                  for m in (DAY, *methods) if (gone := [s for s in seeds if s not in data[game, m]])]
+        if absent:
+            lines.append(f"not finished, left out: {game}: " + "; ".join(absent))
+    return lines
 
 
 def mean_ci(x):
@@ -79,6 +115,24 @@ def phase(scalars, tag, lo, hi):
     steps, values = scalars[tag]
     keep = (steps > lo) & (steps <= hi)
     return steps[keep], values[keep]
+
+
+def day_series(data, game, tag, end):
+    """Per seed, the day's (steps, values) of `tag`."""
+    return [phase(r, tag, -np.inf, end) for r in data[game, DAY].values()]
+
+
+def night_series(data, game, method, tag, end):
+    """Per seed, the night's (steps, values) of `tag` from the day's end on: the day's value there where the night
+    has none (a night logs no train-levels return at the day's end), so that every night line starts there."""
+    series = []
+    for seed, night in data[game, method].items():
+        steps, values = phase(night, tag, end - 1, np.inf)
+        start = phase(data[game, DAY].get(seed, {}), tag, end - 1, end)
+        if (not len(steps) or steps[0] != end) and len(start[0]):
+            steps, values = np.concatenate([start[0], steps]), np.concatenate([start[1], values])
+        series.append((steps, values))
+    return series
 
 
 def day_end(data, game, methods):
@@ -114,57 +168,89 @@ def fmt(values):
     return f"{mean:.2f}" + (f" ± {half:.2f}" if len(values) > 1 else "")
 
 
-def curve(ax, runs, tag, lo, hi, color, label, style="-"):
-    """Mean and 95% band over seeds of `tag` for lo < step <= hi, on the steps every seed has."""
-    phases = [phase(r, tag, lo, hi) for r in runs.values()]
-    phases = [p for p in phases if len(p[0])]
-    if not phases:
+def smoothed(values, k):
+    """The trailing moving average over k values (over those there are, at the start)."""
+    total = np.cumsum(np.concatenate([[0.0], values]))
+    i = np.arange(1, len(values) + 1)
+    return (total[i] - total[np.maximum(i - k, 0)]) / np.minimum(i, k)
+
+
+def curve(ax, series, smooth, label, color, marker="", linestyle="-", rank=(0, 1)):
+    """Mean and 95% band over seeds of per-seed (steps, values), each a trailing mean over `smooth` values, on
+    the steps every seed has. Markers are hollow, the larger the earlier the `rank` (i of n), and start at i/n of
+    their spacing: lines of equal curves all show, their markers apart or one around another."""
+    series = [(steps, smoothed(values, smooth)) for steps, values in series if len(steps)]
+    if not series:
         return
-    steps = sorted(set.intersection(*(set(p[0].tolist()) for p in phases)))
-    values = np.array([[dict(zip(*p))[step] for step in steps] for p in phases])
+    steps = sorted(set.intersection(*(set(p[0].tolist()) for p in series)))
+    values = np.array([[dict(zip(*p))[step] for step in steps] for p in series])
     mean, half = mean_ci(values)
-    ax.plot(steps, mean, style, color=color, label=label)
-    if len(phases) > 1:
+    every = max(1, len(steps) // MARKS)
+    ax.plot(steps, mean, color=color, marker=marker, linestyle=linestyle, fillstyle="none", label=label,
+            markersize=4 + 1.5 * (rank[1] - 1 - rank[0]), markevery=(rank[0] * every // rank[1], every))
+    if len(series) > 1:
         ax.fill_between(steps, mean - half, mean + half, color=color, alpha=0.2, linewidth=0)
 
 
-def panels(games, title):
-    fig, axes = plt.subplots(1, len(games), figsize=(4.5 * max(len(games), 2), 3.6), squeeze=False)
-    fig.suptitle(title)
+def panels(games, title, smooth):
+    """A figure with one panel per game, titled with what its lines and bands are."""
+    fig, axes = plt.subplots(1, len(games), figsize=(4.5 * max(len(games), 2), 3.8), squeeze=False)
+    fig.suptitle(f"{title}\nmean over seeds, band: 95% CI of the mean (Student's t over seeds)"
+                 + (f"; each seed a trailing mean over {smooth} evaluations" if smooth > 1 else ""), fontsize=10)
     return fig, axes[0]
 
 
-def save(fig, axes, path):
+def legend(fig, axes, order):
+    """One legend under the panels, its entries in `order` (the paper's), then any other; the figure."""
     handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
-    ncol = min(len(handles), 2 * len(axes) + 2)
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, fontsize=8)
-    fig.tight_layout(rect=(0, 0.06 + 0.05 * ((len(handles) - 1) // ncol), 1, 1))
+    labels = list(dict.fromkeys([label for label in order if label in handles] + list(handles)))
+    ncol = max(1, min(len(labels), 2 * len(axes) + 2))
+    if labels:
+        fig.legend([handles[label] for label in labels], labels, loc="lower center", ncol=ncol, fontsize=8)
+    fig.tight_layout(rect=(0, (0.06 + 0.05 * ((len(labels) - 1) // ncol)) if labels else 0, 1, 1))
+    return fig
+
+
+def save(fig, path):
     for ext in ("png", "pdf"):
         fig.savefig(f"{path}.{ext}", dpi=150)
     plt.close(fig)
 
 
-def draw_figure(name, data, games, ends, randoms, path):
-    fig, axes = panels(games, f"Figure {name[-1]}: test return on the full level distribution")
+def style(method, rank=(0, 1)):
+    marker, linestyle = STYLES[method]
+    return dict(color=COLORS[method], marker=marker, linestyle=linestyle, rank=rank)
+
+
+def draw_figure(name, data, games, ends, randoms, smooth):
+    """Figure 3, 4 or 5; the figure, unsaved."""
+    methods = FIGURES[name]
+    fig, axes = panels(games, f"Figure {name[-1]}: test return on the full level distribution", smooth)
     for ax, game in zip(axes, games):
-        curve(ax, data[game, DAY], TEST, -np.inf, ends[game], COLORS[DAY], LABELS[DAY])
-        for m in FIGURES[name]:
-            curve(ax, data[game, m], TEST, ends[game] - 1, np.inf, COLORS[m], LABELS[m])
+        curve(ax, day_series(data, game, TEST, ends[game]), smooth, LABELS[DAY], **style(DAY))
+        for i, m in enumerate(methods):
+            curve(ax, night_series(data, game, m, TEST, ends[game]), smooth, LABELS[m], **style(m, (i, len(methods))))
         ax.axvline(ends[game], color="k", linestyle=":", linewidth=1)
-        ax.axhline(randoms[game], color="gray", linestyle="--", linewidth=1, label="random policy")
+        ax.axhline(randoms[game], color="gray", linestyle="--", linewidth=1, label=RANDOM)
         ax.set(title=game, xlabel="steps (real by day, dreamed by night)", ylabel="test return")
-    save(fig, axes, path)
+    return legend(fig, axes, [LABELS[DAY], *(LABELS[m] for m in methods), RANDOM])
 
 
-def draw_gap(data, games, ends, method, path):
-    fig, axes = panels(games, f"Train levels (solid) vs. test levels (dashed): day, then {LABELS[method]} by night")
+def draw_gap(data, games, ends, method, smooth):
+    """Train vs. test levels, day then one method's night (both from the day's end); the figure, unsaved."""
+    fig, axes = panels(games, f"Train levels (solid) vs. test levels (dashed): day, then {LABELS[method]} by night",
+                       smooth)
+    order = []
     for ax, game in zip(axes, games):
-        for tag, style, kind in ((TRAIN, "-", "train levels"), (TEST, "--", "test")):
-            curve(ax, data[game, DAY], tag, -np.inf, ends[game], COLORS[DAY], f"{kind}, day", style)
-            curve(ax, data[game, method], tag, ends[game] - 1, np.inf, COLORS[method], f"{kind}, night", style)
+        for tag, linestyle, kind in ((TRAIN, "-", "train levels"), (TEST, "--", "test")):
+            curve(ax, day_series(data, game, tag, ends[game]), smooth, f"{kind}, day", COLORS[DAY],
+                  linestyle=linestyle)
+            curve(ax, night_series(data, game, method, tag, ends[game]), smooth, f"{kind}, night", COLORS[method],
+                  linestyle=linestyle)
+            order += [f"{kind}, day", f"{kind}, night"]
         ax.axvline(ends[game], color="k", linestyle=":", linewidth=1)
         ax.set(title=game, xlabel="steps", ylabel="return")
-    save(fig, axes, path)
+    return legend(fig, axes, order)
 
 
 def aggregate(scores, games, reps):
@@ -183,18 +269,19 @@ def aggregate(scores, games, reps):
     return {m: (point[m][0], interval[m][0, 0], interval[m][1, 0], len(matrices[m])) for m in matrices}
 
 
-def draw_aggregate(result, games, path):
+def draw_aggregate(result, games):
+    """The aggregate's IQM and CI per method; the figure, unsaved."""
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(result) + 1.6))
     for i, (m, (iqm, low, high, n)) in enumerate(result.items()):
-        ax.errorbar(iqm, i, xerr=[[iqm - low], [high - iqm]], fmt="o", color=COLORS[m], capsize=4)
-    ax.set_yticks(range(len(result)), [f"{LABELS[m] if m != DAY else 'day'} ({result[m][3]} seeds)" for m in result])
+        ax.errorbar(iqm, i, xerr=[[iqm - low], [high - iqm]], fmt=STYLES[m][0] or "o", color=COLORS[m], capsize=4)
+    ax.set_yticks(range(len(result)),
+                  [f"{LABELS[m] if m != DAY else 'day'} ({plural(result[m][3], 'seed')})" for m in result])
+    ax.xaxis.set_major_locator(MaxNLocator(5))
     ax.invert_yaxis()
     ax.set(xlabel="normalized test return (easy-mode ranges)\nat the night's end (the day's end for the day)\n"
                   "IQM, 95% stratified-bootstrap CI", title=f"Aggregate over {', '.join(games)}")
     fig.tight_layout()
-    for ext in ("png", "pdf"):
-        fig.savefig(f"{path}.{ext}", dpi=150)
-    plt.close(fig)
+    return fig
 
 
 def table(data, games, seeds, methods, ends, randoms):
@@ -219,33 +306,99 @@ def table(data, games, seeds, methods, ends, randoms):
     return lines, finals
 
 
+def final(scalars, key):
+    """The run's final evaluation `key` (of FINAL), NaN if it has none."""
+    return float(scalars[FINAL[key]][1][-1]) if FINAL[key] in scalars else np.nan
+
+
+def final_rows(data, games, seeds, methods, ends):
+    """One dict per (game, method, seed) of the nights, with CSV_COLUMNS: NaN where a value is missing."""
+    rows = []
+    for game in games:
+        for m in methods:
+            for s in seeds:
+                day, night = data[game, DAY].get(s, {}), data[game, m].get(s, {})
+                values = {f"{when}_{levels}final{se}": final(run, key + se)  # e.g. day_train_final_se
+                          for when, run in (("day", day), ("night", night))
+                          for levels, key in (("", "test"), ("train_", "train")) for se in ("", "_se")}
+                rows.append(dict(game=game, method=m, seed=s, **values,
+                                 day_last10=end_score(day, TEST, -np.inf, ends[game]),
+                                 night_last10=end_score(night, TEST, ends[game], np.inf)))
+    return rows
+
+
+def final_table(rows):
+    """The markdown table of the final evaluation: day, night and their change paired by seed, on test and train
+    levels; one line instead where no run has it."""
+    if all(np.isnan(r[c]) for r in rows for c in CSV_COLUMNS[3:11]):
+        return ["No run has the final evaluation (the `final/*` scalars: these runs are older than it).", ""]
+    lines = ["Each phase's final agent on many episodes of levels fixed by the seed alone, the same for the day and "
+             "its nights; mean ± 95% CI (Student's t) over the seeds that have both; the change is night − day, "
+             "paired by seed. Per seed: final.csv.", "",
+             "| game | method | seeds | test: day final | test: night final | test: paired change | "
+             "train levels: day final | train levels: night final | train levels: paired change |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key in dict.fromkeys((r["game"], r["method"]) for r in rows):
+        cells, counts = [], []
+        for day, night in (("day_final", "night_final"), ("day_train_final", "night_train_final")):
+            pairs = np.array([(r[day], r[night]) for r in rows if (r["game"], r["method"]) == key
+                              and not np.isnan(r[day]) and not np.isnan(r[night])]).reshape(-1, 2)
+            counts.append(len(pairs))
+            cells += [fmt(pairs[:, 0]), fmt(pairs[:, 1]), fmt(pairs[:, 1] - pairs[:, 0])]
+        count = str(counts[0]) + (f" ({counts[1]} on train levels)" if counts[1] != counts[0] else "")
+        lines.append(f"| {key[0]} | {LABELS[key[1]]} | {count} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def write_csv(rows, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: "" if isinstance(v, float) and np.isnan(v) else f"{v:.6g}" if isinstance(v, float)
+                          else v for k, v in r.items()} for r in rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/benchmark")
-    p.add_argument("--envs", nargs="+", default=env_list("ENVS", "coinrun caveflyer chaser plunder"))
-    p.add_argument("--seeds", nargs="+", type=int, default=[int(s) for s in env_list("SEEDS", "1 2 3 4 5")])
+    p.add_argument("--envs", nargs="+", help="instead of ENVS (default: coinrun caveflyer chaser plunder)")
+    p.add_argument("--seeds", nargs="+", help="instead of SEEDS (default: 1 2 3 4 5)")
+    p.add_argument("--smooth", help="instead of SMOOTH: each seed's curve a trailing mean over this many evaluations "
+                                    "(default 1: none)")
     p.add_argument("--figures", nargs="+", choices=FIGURES, default=list(FIGURES))
     p.add_argument("--gap-method", choices=METHODS, default="dreamer_random",
                    help="the method whose nights the generalization-gap figure shows")
     p.add_argument("--random-episodes", type=int, default=100)
     p.add_argument("--reps", type=int, default=2000, help="bootstrap resamples of the aggregate's CIs")
-    args = p.parse_args(argv)
-    from benchmark.random_score import cached_random_scores  # imports the scripts (torch): only when plotting
-
+    p.add_argument("--csv", type=Path, help="also write final.csv here (e.g. under docs/)")
+    args = read_settings(p.parse_args(argv), ("envs", "seeds", "smooth"))
     methods = methods_of(args.figures)
     data = load(args.out, args.envs, args.seeds, methods)
+    if not any(data.values()):
+        print(f"nothing to plot: no run in {args.out} has finished (games {' '.join(args.envs)}, seeds "
+              f"{' '.join(map(str, args.seeds))})", file=sys.stderr)
+        return 1
+    for line in unfinished(data, args.envs, args.seeds, methods):
+        say(line)
+    from benchmark.random_score import cached_random_scores  # imports the scripts (torch): only when plotting
+
     ends = {g: day_end(data, g, methods) for g in args.envs}
     randoms = cached_random_scores(args.out, args.envs, args.random_episodes)
     figures = Path(args.out) / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     for name in args.figures:
-        draw_figure(name, data, args.envs, ends, randoms, figures / name)
+        save(draw_figure(name, data, args.envs, ends, randoms, args.smooth), figures / name)
     gap_method = args.gap_method if args.gap_method in methods else methods[0]
-    draw_gap(data, args.envs, ends, gap_method, figures / "gap")
+    save(draw_gap(data, args.envs, ends, gap_method, args.smooth), figures / "gap")
     lines, finals = table(data, args.envs, args.seeds, methods, ends, randoms)
+    rows = final_rows(data, args.envs, args.seeds, methods, ends)
+    for path in (figures / "final.csv", *([args.csv] if args.csv else [])):
+        write_csv(rows, path)
+    lines += ["## Final evaluation (the same levels for the day and its nights)", "", *final_table(rows)]
     result = aggregate(finals, args.envs, args.reps)
     if result:
-        draw_aggregate(result, args.envs, figures / "aggregate")
+        save(draw_aggregate(result, args.envs), figures / "aggregate")
     lines += [f"## Aggregate over {', '.join(args.envs)}", "",
               "Normalized test return (R − R_min) / (R_max − R_min), ProcGen's easy-mode ranges; the night's end (the "
               "day's end for the day); interquartile mean and 95% stratified-bootstrap CI (rliable, "
@@ -254,8 +407,9 @@ def main(argv=None):
     lines += [f"| {LABELS[m]} | {result[m][3]} | {result[m][0]:.3f} | [{result[m][1]:.3f}, {result[m][2]:.3f}] |"
               if m in result else f"| {LABELS[m]} | 0 | missing | missing |" for m in (DAY, *methods)]
     (figures / "results.md").write_text("\n".join(lines) + "\n")
-    print(f"figures and results.md in {figures}")
+    say(f"figures, results.md and final.csv in {figures}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

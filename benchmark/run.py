@@ -10,12 +10,14 @@ that is (re)run makes its nights run again too (a night already finished just sa
 
 Settings come from the environment (the interface of the shell scripts) or the flags below:
 
-  ENVS     games, default "coinrun caveflyer chaser plunder"     SEEDS    default "1 2 3 4 5"
+  ENVS     ProcGen games, default "coinrun caveflyer chaser plunder"
+  SEEDS    whole numbers, 0 <= seed < 2^31, default "1 2 3 4 5" (a game or seed given twice runs once)
   PRESET   paper (default: every size the paper's) | cpu (the CPU-sized protocol) | cpu-matched (the CPU
            sizes with the paper's ratios of replayed to real frames and of dreamed to real samples) | tiny (tests)
   WORKERS  local runs at once; default WORKERS_PER_GPU (default 4) per visible GPU, at most one per CPU
            core, or one per 2 CPU cores without a GPU. Runs on one GPU share it (it is idle most of the time).
   OUT      where runs (OUT/{game}/{method}/seed{S}) and figures (OUT/figures) go, default runs/benchmark
+  SMOOTH   the figures' trailing moving average over SMOOTH evaluations of each seed (default 1: none)
   DRY_RUN=1       print every command, one per line, and run nothing
   BACKEND  local (default) or slurm (submitit: one job per run, each night after its day with afterok;
            SLURM_PARTITION, SLURM_TIME_MIN (default 240), SLURM_MEM_GB (default 32), SLURM_CPUS (default 8));
@@ -29,6 +31,11 @@ day and nights alike, e.g. `bash benchmark/fig3.sh --penalty 0`.
 A failed run is reported at the end and makes the exit status non-zero; the others go on, and the nights
 of a failed day are skipped (and reported). A run stopped by SIGTERM or SIGUSR1 checkpoints and exits with 75:
 reported as stopped, it goes on at the next start. At the end the figures are drawn (benchmark/plot.py).
+
+Every setting is checked before anything starts: a bad one is refused in one line (exit 2). The runner itself,
+stopped by Ctrl-C (SIGINT) or SIGTERM (a time limit), starts no more runs, passes SIGTERM on to those under way
+(each checkpoints at the end of its epoch and exits 75; a second signal stops them at once), waits for them,
+reports, and exits with 128 + the signal's number; the same command goes on from there.
 """
 
 import argparse
@@ -90,7 +97,13 @@ PRESETS = {
               "4", "--mlp-units", "32", "--bins", "31", "--burn-in", "3", "--final-episodes", "2",
               "--no-bf16", "--day-epochs", "2"), "2"),
 }
+# ProcGen's games: dreamer_ppo.PROCGEN_GAMES, written out because importing a script imports torch and procgen
+GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot", "heist",
+         "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
+BACKENDS = ("local", "slurm")
+SEED_LIMIT = 2**31  # the scripts' seeds: 0 <= seed < 2^31
 REPLAY = "replay"  # a day's real frames, beside its day.pt
+LOCK = ".runner.lock"
 PREEMPTED = 75  # a script's exit status after SIGTERM or SIGUSR1 and its checkpoint
 SLURM_STOP_WAIT = 60  # seconds a preempted SLURM job gives its run to checkpoint (submitit signals 90 s ahead)
 DONE = "DONE"
@@ -189,24 +202,78 @@ def visible_gpus():
         return []
 
 
-def default_workers(gpus):
+def default_workers(gpus, per_gpu):
     cpus = os.cpu_count() or 1
-    return min(int(os.environ.get("WORKERS_PER_GPU", 4)) * len(gpus), cpus) if gpus else max(1, cpus // 2)
+    return min(per_gpu * len(gpus), cpus) if gpus else max(1, cpus // 2)
 
 
 def reads_replay(run):
     return run.method in METHODS and METHODS[run.method].reads_replay
 
 
-def run_local(todo, out, workers, keep_replay):
+def say(line):
+    """print, flushed; once stdout's reader has gone (`| head`) the rest goes to /dev/null and the runs go on."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:  # Python's advice (library/signal, "Note on SIGPIPE")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+class Stop:
+    """The runner's own stop. On SIGINT (Ctrl-C) or SIGTERM (a time limit, `timeout`, kill) no run starts any more
+    and those under way get SIGTERM: each checkpoints at the end of its epoch and exits 75 (a second signal stops
+    them at once). The runner then waits for them, so that none is left running without it."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal, self.procs = None, []
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def handle(self, signum, frame):
+        again = self.signal is not None
+        self.signal = self.signal or signal.Signals(signum).name
+        note = ("again: the runs stop at once, from their last checkpoint" if again else
+                "no run starts; those under way are told to stop at the end of their epoch, with a checkpoint "
+                "(again: at once)")
+        try:  # not print: the signal may have come in the middle of one
+            os.write(sys.stderr.fileno(), f"{signal.Signals(signum).name}: {note}\n".encode())
+        except OSError:
+            pass
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    def started(self, proc):
+        self.procs.append(proc)
+        if self.signal is not None:  # the signal came while it was being started
+            proc.send_signal(signal.SIGTERM)
+
+    def stopped(self, code):
+        """Whether a run's exit code says it was stopped (it goes on from its checkpoint at the next start)."""
+        return code == PREEMPTED or (self.signal is not None and code in (130, -signal.SIGTERM, -signal.SIGINT))
+
+
+def run_local(todo, out, workers, keep_replay, stop):
     """A pool of `workers` runs at once, slot i on GPU i mod (visible GPUs). A night starts once its day is
     done; ready nights go before days (those that read the replay first), which keeps few replays on disk at
-    once. Returns ({run: exit code, or why it was skipped}, the peak disk use of `out` seen at each run's end)."""
+    once; none starts once the runner is stopped. Returns ({run: exit code, or why it did not run}, the peak disk
+    use of `out` seen at each run's end)."""
     gpus = visible_gpus()
     results, running, free_slots, queue = {}, {}, list(range(workers)), list(todo)
     peak = disk_usage(out)
     with ThreadPoolExecutor(workers) as pool:
         while queue or running:
+            if stop.signal is not None:
+                results.update((r, f"not started: the runner was stopped by {stop.signal}") for r in queue)
+                queue.clear()
             for run in [r for r in queue if r.day is not None and results.get(r.day, 0) != 0]:
                 queue.remove(run)
                 results[run] = f"skipped: its day {run.day.name} did not finish"
@@ -216,8 +283,8 @@ def run_local(todo, out, workers, keep_replay):
                 queue.remove(run)
                 free_slots.remove(slot)
                 env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": str(gpus[slot % len(gpus)])} if gpus else {}))
-                print(f"start  {run.name}", flush=True)
-                running[pool.submit(execute, run, out, keep_replay, env)] = run, slot
+                say(f"start  {run.name}")
+                running[pool.submit(execute, run, out, keep_replay, env, started=stop.started)] = run, slot
             if not running:  # a day exited with 0 without its DONE marker: its nights cannot start
                 results.update((r, f"skipped: its day {r.day.name} is not finished") for r in queue)
                 break
@@ -227,8 +294,8 @@ def run_local(todo, out, workers, keep_replay):
                 free_slots.append(slot)
                 results[run] = future.result()
                 peak = max(peak, disk_usage(out))
-                status = {0: "done", PREEMPTED: "STOPPED"}.get(results[run], "FAILED")
-                print(f"{status:7} {run.name}", flush=True)
+                status = "done" if results[run] == 0 else "STOPPED" if stop.stopped(results[run]) else "FAILED"
+                say(f"{status:7} {run.name}")
     return results, peak
 
 
@@ -258,16 +325,16 @@ class SlurmRun:
         return dict(self.__dict__, proc=None)
 
 
-def run_slurm(todo, out, keep_replay, plot_cmd):
+def run_slurm(todo, args, plot_cmd):
     """One SLURM job per run through submitit, each night after its day (afterok), and the plots after all."""
+    out, keep_replay = args.out, args.keep_replay
     try:
         import submitit
     except ImportError:
         sys.exit("BACKEND=slurm needs submitit: pip install -e '.[benchmark]'")
     executor = submitit.AutoExecutor(folder=Path(out) / "slurm" / "%j", cluster="slurm")
-    executor.update_parameters(timeout_min=int(os.environ.get("SLURM_TIME_MIN", 240)), gpus_per_node=1,
-                               cpus_per_task=int(os.environ.get("SLURM_CPUS", 8)),
-                               mem_gb=int(os.environ.get("SLURM_MEM_GB", 32)),
+    executor.update_parameters(timeout_min=args.slurm_time_min, gpus_per_node=1, cpus_per_task=args.slurm_cpus,
+                               mem_gb=args.slurm_mem_gb,
                                **({"slurm_partition": os.environ["SLURM_PARTITION"]}
                                   if os.environ.get("SLURM_PARTITION") else {}))
     jobs = {}
@@ -284,8 +351,78 @@ def run_slurm(todo, out, keep_replay, plot_cmd):
     return jobs
 
 
-def env_list(name, default):
-    return os.environ.get(name, default).replace(",", " ").split()
+def refuse(label, text, allowed):
+    """A bad setting: one line naming it, its value and what is allowed; exit 2 before anything is written."""
+    print(f"{label}={text!r}: {allowed}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def distinct(label, text, items):
+    """`items` each once, in their order, saying which were given more than once."""
+    twice = sorted({i for i in items if items.count(i) > 1}, key=items.index)
+    if twice:
+        print(f"{label}={text!r}: {', '.join(map(str, twice))} given more than once, run once", file=sys.stderr)
+    return list(dict.fromkeys(items))
+
+
+def read_games(label, text):
+    games = text.replace(",", " ").split()
+    for game in games:
+        if game not in GAMES:
+            refuse(label, text, f"{game!r} is not a ProcGen game; the games (in lower case) are {', '.join(GAMES)}")
+    return distinct(label, text, games) if games else refuse(label, text, "at least one ProcGen game")
+
+
+def read_seeds(label, text):
+    seeds = text.replace(",", " ").split()
+    for seed in seeds:
+        if not (seed.isascii() and seed.isdigit() and int(seed) < SEED_LIMIT):
+            refuse(label, text, f"{seed!r} is not a seed; seeds are whole numbers, 0 <= seed < 2^31")
+    return distinct(label, text, [int(s) for s in seeds]) if seeds else refuse(label, text, "at least one seed")
+
+
+def one_of(choices):
+    def read(label, text):
+        return text if text in choices else refuse(label, text, f"one of {', '.join(choices)}")
+    return read
+
+
+def read_count(label, text):
+    ok = text.isascii() and text.isdigit() and int(text) >= 1
+    return int(text) if ok else refuse(label, text, "a whole number, 1 or more")
+
+
+def read_switch(label, text):
+    return text == "1" if text in ("", "0", "1") else refuse(label, text, "1 (on), or 0 or empty (off)")
+
+
+def read_out(label, text):
+    path = Path(text).resolve()
+    return str(path) if path.is_dir() or not path.exists() else refuse(label, text, "a directory (this is a file)")
+
+
+# name: (its variable, the default, the reader of its text). The flag of the same name, if given, wins.
+SETTINGS = dict(envs=("ENVS", "coinrun caveflyer chaser plunder", read_games), seeds=("SEEDS", "1 2 3 4 5", read_seeds),
+                preset=("PRESET", "paper", one_of(PRESETS)), workers=("WORKERS", "", read_count),
+                workers_per_gpu=("WORKERS_PER_GPU", "4", read_count), smooth=("SMOOTH", "1", read_count),
+                out=("OUT", "runs/benchmark", read_out), dry_run=("DRY_RUN", "", read_switch),
+                backend=("BACKEND", "local", one_of(BACKENDS)), keep_replay=("KEEP_REPLAY", "", read_switch),
+                slurm_time_min=("SLURM_TIME_MIN", "240", read_count), slurm_mem_gb=("SLURM_MEM_GB", "32", read_count),
+                slurm_cpus=("SLURM_CPUS", "8", read_count))
+
+
+def read_settings(args, names):
+    """Set args.NAME for each setting from its flag, else its variable, else its default, checked in one place
+    (argparse applies no type to a default taken from a variable); WORKERS empty means the default."""
+    for name in names:
+        variable, default, read = SETTINGS[name]
+        given = getattr(args, name, None)
+        if given is not None:
+            label, text = "--" + name.replace("_", "-"), " ".join(given) if isinstance(given, list) else str(given)
+        else:
+            label, text = variable, os.environ.get(variable, default)
+        setattr(args, name, None if name == "workers" and text == "" else read(label, text))
+    return args
 
 
 def parse(argv):
@@ -293,18 +430,20 @@ def parse(argv):
     argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--figures", nargs="+", choices=FIGURES, required=True, help="the figures whose runs to make")
-    p.add_argument("--envs", nargs="+", default=env_list("ENVS", "coinrun caveflyer chaser plunder"))
-    p.add_argument("--seeds", nargs="+", type=int, default=[int(s) for s in env_list("SEEDS", "1 2 3 4 5")])
-    p.add_argument("--preset", choices=PRESETS, default=os.environ.get("PRESET", "paper"))
-    p.add_argument("--workers", type=int, default=int(os.environ["WORKERS"]) if os.environ.get("WORKERS") else None)
-    p.add_argument("--out", default=os.environ.get("OUT", "runs/benchmark"))
-    p.add_argument("--dry-run", action="store_true", default=os.environ.get("DRY_RUN", "0") not in ("", "0"))
-    p.add_argument("--backend", choices=("local", "slurm"), default=os.environ.get("BACKEND", "local"))
-    p.add_argument("--keep-replay", action="store_true",
-                   default=os.environ.get("KEEP_REPLAY", "0") not in ("", "0"))
-    args = p.parse_args(argv)
+    p.add_argument("--envs", nargs="+", help="instead of ENVS")
+    p.add_argument("--seeds", nargs="+", help="instead of SEEDS")
+    p.add_argument("--preset", help="instead of PRESET")
+    p.add_argument("--workers", help="instead of WORKERS")
+    p.add_argument("--smooth", help="instead of SMOOTH")
+    p.add_argument("--out", help="instead of OUT")
+    p.add_argument("--dry-run", action="store_const", const="1", help="DRY_RUN=1")
+    p.add_argument("--backend", help="instead of BACKEND")
+    p.add_argument("--keep-replay", action="store_const", const="1", help="KEEP_REPLAY=1")
+    args = read_settings(p.parse_args(argv), ("envs", "seeds", "preset", "workers", "workers_per_gpu", "smooth",
+                                               "out", "dry_run", "backend", "keep_replay"))
+    if args.backend == "slurm":
+        read_settings(args, ("slurm_time_min", "slurm_mem_gb", "slurm_cpus"))
     args.extra = tuple(extra)
-    args.out = str(Path(args.out).resolve())
     return args
 
 
@@ -314,41 +453,62 @@ def main(argv=None):
     runs = expand(args.envs, args.seeds, methods, args.preset, args.extra, args.out)
     todo = pending(runs)
     plot_cmd = [sys.executable, str(ROOT / "benchmark" / "plot.py"), "--out", args.out, "--envs", *args.envs,
-                "--seeds", *map(str, args.seeds), "--figures", *args.figures]
+                "--seeds", *map(str, args.seeds), "--figures", *args.figures, "--smooth", str(args.smooth)]
     print(f"# {len(runs)} runs ({len(runs) - len(todo)} finished, {len(todo)} to run), preset {args.preset}, "
           f"out {args.out}", file=sys.stderr, flush=True)
     if args.dry_run:
-        print("\n".join(shlex.join(r.cmd) for r in todo) + ("\n" if todo else "") + shlex.join(plot_cmd))
+        say("\n".join(shlex.join(r.cmd) for r in todo) + ("\n" if todo else "") + shlex.join(plot_cmd))
         return 0
     if args.backend == "slurm":
-        run_slurm(todo, args.out, args.keep_replay, plot_cmd)
+        run_slurm(todo, args, plot_cmd)
         return 0
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    with open(Path(args.out) / ".runner.lock", "w") as lock:
+    lock_path = Path(args.out) / LOCK
+    with open(lock_path, "w") as lock:
         try:  # a second runner on the same OUT would empty the directories of runs under way
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            if os.stat(lock_path).st_ino != os.fstat(lock.fileno()).st_ino:  # removed by a runner that just ended
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
             sys.exit(f"another benchmark runner is using {args.out}; wait for it or choose another OUT")
-        return local(args, runs, plot_cmd)
+        try:
+            return local(args, runs, plot_cmd)
+        finally:
+            lock_path.unlink()  # while still holding it
 
 
 def local(args, runs, plot_cmd):
-    """Run what is unfinished here, draw the figures, report; the exit status."""
+    """Run what is unfinished here, draw the figures, report; the exit status (128 + the signal's if stopped)."""
     todo = pending(runs)
-    workers = args.workers or default_workers(visible_gpus())
     start = time.time()
-    results, peak = run_local(todo, args.out, workers, args.keep_replay)
+    with Stop() as stop:
+        workers = args.workers or default_workers(visible_gpus(), args.workers_per_gpu)  # visible_gpus imports torch
+        results, peak = run_local(todo, args.out, workers, args.keep_replay, stop)
+        plotted = None
+        if stop.signal is None:
+            plot = subprocess.Popen(plot_cmd, cwd=ROOT)
+            stop.started(plot)
+            plotted = plot.wait()
     failed = {r: c for r, c in results.items() if c != 0}
-    plotted = subprocess.run(plot_cmd, cwd=ROOT).returncode
-    print(f"\n{len(results) - len(failed)} runs finished, {len(runs) - len(todo)} skipped (finished before), "
-          f"{len(failed)} failed or skipped; {workers} workers, {time.time() - start:.0f} s; peak disk of {args.out} "
-          f"(at each run's end) {peak / 2**30:.2f} GiB, now {disk_usage(args.out) / 2**30:.2f} GiB")
+    stopped = [r for r, c in failed.items() if stop.stopped(c)]
+    not_started = [r for r, c in failed.items() if isinstance(c, str) and c.startswith("not started")]
+    say(f"\n{len(results) - len(failed)} runs finished, {len(runs) - len(todo)} skipped (finished before), "
+        f"{len(failed)} failed, stopped or skipped; {workers} workers, {time.time() - start:.0f} s; peak disk of "
+        f"{args.out} (at each run's end) {peak / 2**30:.2f} GiB, now {disk_usage(args.out) / 2**30:.2f} GiB")
     for run, code in failed.items():
         if code == PREEMPTED:
-            print(f"STOPPED {run.name}: by a signal, with its checkpoint; run the benchmark again to continue it")
-        else:
-            print(f"FAILED {run.name}: " + (code if isinstance(code, str) else f"exit {code}, see {run.dir / LOG}"))
+            say(f"STOPPED {run.name}: by a signal, with its checkpoint; run the benchmark again to continue it")
+        elif run in stopped:
+            say(f"STOPPED {run.name}: at once (exit {code}); run the benchmark again to continue it from its last "
+                "checkpoint")
+        elif run not in not_started:
+            say(f"FAILED {run.name}: " + (code if isinstance(code, str) else f"exit {code}, see {run.dir / LOG}"))
+    if stop.signal is not None:
+        say(f"STOPPED by {stop.signal}: {len(stopped)} runs stopped, {len(not_started)} not started, the figures not "
+            "drawn; the same command goes on from there")
+        return 128 + signal.Signals[stop.signal]
     return 1 if failed or plotted else 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

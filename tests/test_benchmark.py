@@ -1,10 +1,13 @@
 """Tests of benchmark/: the runner's matrix, skip logic, failures, replay deletion and SLURM submission (on fake
 scripts), the plotter on synthetic TensorBoard events of known means, and the whole pipeline at tiny sizes."""
 
+import csv
 import fcntl
 import json
 import os
 import pickle
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -14,6 +17,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+import dreamer_ppo
 from benchmark import plot, random_score
 from benchmark import run as runner
 from conftest import SIZE_FLAGS
@@ -30,10 +34,15 @@ SCRIPTS = {"fig3": ["dreamer_random", "dreamer_collected"],
            "fig5": ["rnd", "deepdream", "valdiv", "full"], "all": ALL}
 
 
+def environment(**variables):
+    """os.environ without the benchmark's settings, with `variables`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ENVS", "SEEDS", "PRESET", "WORKERS", "BACKEND", "SMOOTH")}
+    return dict(env, **variables)
+
+
 def bash(script, out, *args, **variables):
     """Run benchmark/{script}.sh with the interface's variables; returns the CompletedProcess."""
-    env = {k: v for k, v in os.environ.items() if k not in ("ENVS", "SEEDS", "PRESET", "WORKERS", "BACKEND")}
-    env.update(OUT=str(out), PYTHON=sys.executable, **variables)
+    env = environment(OUT=str(out), PYTHON=sys.executable, **variables)
     return subprocess.run(["bash", str(ROOT / "benchmark" / f"{script}.sh"), *args], env=env, capture_output=True,
                           text=True, timeout=600)
 
@@ -93,9 +102,70 @@ def test_dry_run_defaults_are_the_papers(tmp_path):
 
 
 def test_dry_run_cpu_preset(tmp_path):
-    day, night = dry_run("fig3", tmp_path, ENVS="chaser", SEEDS="7", PRESET="cpu")[:2]
+    cmds = dry_run("fig3", tmp_path, ENVS="chaser", SEEDS="7", PRESET="cpu", SMOOTH="4")
+    day, night = cmds[:2]
+    assert flag(cmds[-1], "--smooth") == "4"  # the figures' moving average, passed to plot.py
     assert flag(day, "--day-epochs") == flag(night, "--day-epochs") == "40" and flag(night, "--night-epochs") == "40"
     assert flag(day, "--rnn-units") == flag(night, "--rnn-units") == "256" and flag(night, "--penalty") == "0"
+
+
+# %% settings, refused before anything is written
+@pytest.mark.parametrize("variables, allowed", [
+    (dict(SEEDS="abc"), "'abc' is not a seed; seeds are whole numbers, 0 <= seed < 2^31"),
+    (dict(SEEDS="1 -1"), "'-1' is not a seed"), (dict(SEEDS="2147483648"), "0 <= seed < 2^31"),
+    (dict(SEEDS=""), "at least one seed"), (dict(PRESET="huge"), "one of paper, cpu, tiny"),
+    (dict(WORKERS="-2"), "a whole number, 1 or more"), (dict(WORKERS="0"), "a whole number, 1 or more"),
+    (dict(WORKERS_PER_GPU="four"), "1 or more"), (dict(SMOOTH="0"), "1 or more"),
+    (dict(BACKEND="aws"), "one of local, slurm"), (dict(SLURM_TIME_MIN="4h", BACKEND="slurm"), "1 or more"),
+    (dict(ENVS="notagame"), "'notagame' is not a ProcGen game; the games (in lower case) are bigfish, "),
+    (dict(ENVS="CoinRun", DRY_RUN="1"), "'CoinRun' is not a ProcGen game"), (dict(ENVS=" "), "at least one"),
+    (dict(DRY_RUN="yes"), "1 (on), or 0 or empty (off)"), (dict(KEEP_REPLAY="true"), "1 (on)")])
+def test_bad_settings_refused_in_one_line_before_anything(tmp_path, variables, allowed):
+    """The first variable is the bad one: refused in one line naming it, its value and what is allowed; exit 2."""
+    out = tmp_path / "out"
+    result = bash("all", out, **variables)
+    name, value = next(iter(variables.items()))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [result.stderr.strip()]  # one line, no traceback
+    assert result.stderr.startswith(f"{name}={value!r}: ") and allowed in result.stderr
+    assert not out.exists()
+
+
+def test_bad_flag_refused_by_its_name(fake, capsys):
+    with pytest.raises(SystemExit) as stop:
+        runner.main(["--figures", "fig3", "--seeds", "1", "x", "--out", str(fake.out)])
+    assert stop.value.code == 2 and capsys.readouterr().err == "--seeds='1 x': 'x' is not a seed; seeds are whole " \
+                                                                "numbers, 0 <= seed < 2^31\n"
+    assert not fake.out.exists()
+
+
+def test_a_file_as_out_refused(tmp_path):
+    (tmp_path / "out").write_text("")
+    result = bash("fig3", tmp_path / "out")
+    assert result.returncode == 2 and result.stderr == f"OUT={str(tmp_path / 'out')!r}: a directory (this is a file)\n"
+
+
+def test_games_given_twice_run_once(tmp_path):
+    result = bash("fig3", tmp_path, ENVS="coinrun,coinrun chaser", SEEDS="1,1 2", DRY_RUN="1")
+    assert result.returncode == 0
+    assert "ENVS='coinrun,coinrun chaser': coinrun given more than once, run once" in result.stderr
+    assert "SEEDS='1,1 2': 1 given more than once, run once" in result.stderr
+    cmds = [line.split() for line in result.stdout.strip().splitlines()]
+    assert len(cmds) == 2 * 2 * 3 + 1 and cmds[-1][cmds[-1].index("--seeds") + 1:][:3] == ["1", "2", "--figures"]
+
+
+def test_the_runners_games_are_procgens():
+    assert runner.GAMES == dreamer_ppo.PROCGEN_GAMES
+
+
+def test_dry_run_into_a_pipe_closed_early(tmp_path):
+    """`| head`: the reader goes after one line of about 3,000 (more than a pipe holds); no traceback."""
+    env = environment(OUT=str(tmp_path), PYTHON=sys.executable, DRY_RUN="1", SEEDS=" ".join(map(str, range(100))))
+    result = subprocess.run(["bash", "-c", f"bash {ROOT / 'benchmark' / 'all.sh'} | head -n 1; echo ${{PIPESTATUS[0]}}"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    first, status = result.stdout.splitlines()
+    assert "dreamer_ppo.py --env-id coinrun --seed 0 " in first and status == "0"
+    assert "Traceback" not in result.stderr and "Error" not in result.stderr
 
 
 # %% running, on fake scripts
@@ -122,6 +192,16 @@ FAKE_SCRIPT = textwrap.dedent("""\
     for code, name in ((1, "FAIL"), (75, "STOP")):  # a failure; a stop by SIGTERM after a checkpoint
         if os.environ.get(name) and os.environ[name] in str(d):
             sys.exit(code)
+    if os.environ.get("SLEEP") and os.environ["SLEEP"] in str(d):  # a long epoch, stopped as the scripts stop
+        import signal, time
+        def stop(signum, frame):
+            (d / "stopped").write_text(signal.Signals(signum).name)
+            sys.exit({signal.SIGTERM: 75, signal.SIGINT: 130}[signum])
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        (d / "ready").write_text(str(os.getpid()))
+        time.sleep(60)
+        sys.exit("not stopped")
 """)
 
 
@@ -134,8 +214,10 @@ def fake(tmp_path, monkeypatch):
     for script in {m.script for m in runner.METHODS.values()}:
         (root / script).write_text(FAKE_SCRIPT)
     (root / "benchmark" / "plot.py").write_text("from pathlib import Path\nPath(__file__).with_name('plotted').touch()\n")
+    shutil.copy(runner.__file__, root / "benchmark" / "run.py")  # for a runner in its own process, on these scripts
     monkeypatch.setattr(runner, "ROOT", root)
-    for name in ("ENVS", "SEEDS", "PRESET", "WORKERS", "DRY_RUN", "BACKEND", "KEEP_REPLAY", "FAIL", "STOP"):
+    for name in ("ENVS", "SEEDS", "PRESET", "WORKERS", "DRY_RUN", "BACKEND", "KEEP_REPLAY", "FAIL", "STOP", "SLEEP",
+                 "SMOOTH"):
         monkeypatch.delenv(name, raising=False)
     out = tmp_path / "out"
 
@@ -175,7 +257,7 @@ def test_failed_day_skips_its_nights_and_a_rerun_finishes(fake, capsys):
 
     assert fake("fig3", "fig4", "fig5") == (0, [])  # everything finished: nothing runs
 
-    with open(fake.out / ".runner.lock") as held:  # as if another runner were using OUT
+    with open(fake.out / runner.LOCK, "w") as held:  # as if another runner were using OUT
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(SystemExit, match="another benchmark runner"):
             fake("fig3")
@@ -199,6 +281,42 @@ def test_unfinished_runs_go_on_in_their_directory(fake, capsys):
     assert "STOPPED coinrun/day/seed2: by a signal, with its checkpoint; run the benchmark again" in report
     code, ran = fake("fig5")
     assert code == 0 and ran == names(["day", "rnd", "deepdream", "valdiv", "full"], ["2"])
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "Ctrl-C"])
+def test_a_stopped_runner_stops_its_runs_reports_and_goes_on_next_time(fake, how):
+    """SIGTERM or SIGINT to the runner alone (a time limit, kill), or SIGINT to its process group (Ctrl-C in a
+    terminal): no run starts, the day under way gets SIGTERM and exits 75 (with Ctrl-C it may have exited 130
+    first), the runner waits for it, reports, removes its lock and exits 128 + the signal; the next start goes on."""
+    cmd = [sys.executable, str(fake.root / "benchmark" / "run.py"), "--figures", "fig3", "--envs", "coinrun",
+           "--seeds", "1", "--out", str(fake.out)]
+    proc = subprocess.Popen(cmd, env=environment(SLEEP="day/seed1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    day = fake.out / "coinrun" / "day" / "seed1"
+    for _ in range(300):
+        if (day / "ready").exists() and (day / "ready").read_text():
+            break
+        proc.poll() is None or pytest.fail(proc.communicate()[1])
+        subprocess.run(["sleep", "0.1"])
+    pid = int((day / "ready").read_text())
+    signum = signal.SIGTERM if how == "SIGTERM" else signal.SIGINT
+    (os.killpg if how == "Ctrl-C" else os.kill)(proc.pid, signum)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in out + err and (day / "stopped").read_text() in ("SIGTERM", "SIGINT")
+    if how != "Ctrl-C":
+        assert (day / "stopped").read_text() == "SIGTERM"
+        assert "STOPPED coinrun/day/seed1: by a signal, with its checkpoint; run the benchmark again" in out
+    assert "STOPPED coinrun/day/seed1: " in out
+    assert out.strip().splitlines()[-1] == (f"STOPPED by {signal.Signals(signum).name}: 1 runs stopped, 2 not started, "
+                                            "the figures not drawn; the same command goes on from there")
+    with pytest.raises(ProcessLookupError):  # the runner waited for it
+        os.kill(pid, 0)
+    assert not (fake.out / runner.LOCK).exists() and not (day / runner.DONE).exists()
+
+    done = subprocess.run(cmd, env=environment(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "3 runs finished" in done.stdout
+    assert (day / runner.LOG).read_text().count("--resume") == 2 and (fake.root / "benchmark" / "plotted").exists()
 
 
 def test_replay_kept_until_its_last_data_night(fake):
@@ -274,10 +392,12 @@ def test_a_preempted_slurm_job_has_its_run_checkpoint_then_requeues_it(monkeypat
 
 # %% the plotter, on synthetic events
 DAY_END = 15 * 1000
+FINAL_CHANGE = {1: 0.5, 2: 1.5, 3: 4.0}  # night - day of the final evaluation on test levels, per seed
 
 
-def write_run(path, test, train=None, first=None, step0=0, every=1000):
-    """Events of one finished run: test (and train) returns at step0 + every * (1, 2, ...), `first` at step0."""
+def write_run(path, test, train=None, first=None, step0=0, every=1000, final=None):
+    """Events of one finished run: test (and train) returns at step0 + every * (1, 2, ...), `first` at step0, and
+    the final evaluation {key of plot.FINAL: value} at the last step."""
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(str(path))
     if first is not None:
@@ -286,6 +406,8 @@ def write_run(path, test, train=None, first=None, step0=0, every=1000):
         writer.add_scalar(plot.TEST, value, step0 + every * k)
         if train is not None:
             writer.add_scalar(plot.TRAIN, train[k - 1], step0 + every * k)
+    for key, value in (final or {}).items():
+        writer.add_scalar(plot.FINAL[key], value, step0 + every * len(test))
     writer.close()
     (path / runner.DONE).write_text("{}")
 
@@ -294,21 +416,31 @@ def write_run(path, test, train=None, first=None, step0=0, every=1000):
 def synthetic(tmp_path_factory):
     """coinrun, seeds 1-3. Day: 5 epochs of 100 then 10 of d = seed (train levels: d + 1). Every night: its first
     point is the day's last (not a night epoch), then 5 epochs of n = 2 * seed (train levels: n + 0.5); the offline
-    night lacks seed 3, valdiv's seed 2 is unfinished (no DONE marker), FullDreamer has none."""
+    night lacks seed 3, valdiv's seed 2 is unfinished (no DONE marker), FullDreamer has none. The final evaluation:
+    the day's 10 + seed (standard error 0.1; train levels 20 + seed), each night's the day's + FINAL_CHANGE[seed]
+    (standard error 0.2; train levels + 1), except the offline night of seed 1 (a run older than it)."""
     out = tmp_path_factory.mktemp("synthetic")
     for s in (1, 2, 3):
         day = [100.0] * 5 + [float(s)] * 10
-        write_run(runner.run_dir(out, "coinrun", runner.DAY, s), day, [v + 1 for v in day])
+        write_run(runner.run_dir(out, "coinrun", runner.DAY, s), day, [v + 1 for v in day],
+                  final=dict(test=10.0 + s, test_se=0.1, train=20.0 + s, train_se=0.1))
         for m in ("dreamer_random", "dreamer_collected", "rnd", "deepdream", "valdiv", "offline"):
             if (m, s) == ("offline", 3):
                 continue
             night = [2.0 * s] * 5
+            final = dict(test=10.0 + s + FINAL_CHANGE[s], test_se=0.2, train=21.0 + s, train_se=0.2)
             write_run(runner.run_dir(out, "coinrun", m, s), night, [v + 0.5 for v in night], first=float(s),
-                      step0=DAY_END, every=400)
+                      step0=DAY_END, every=400, final=None if (m, s) == ("offline", 1) else final)
     (runner.run_dir(out, "coinrun", "valdiv", 2) / runner.DONE).unlink()
     (out / "random_scores.json").write_text(json.dumps({"coinrun": {"episodes": 100, "score": 2.5}}))
-    plot.main(["--out", str(out), "--envs", "coinrun", "--seeds", "1", "2", "3", "--reps", "200"])
+    assert plot.main(["--out", str(out), "--envs", "coinrun", "--seeds", "1", "2", "3", "--reps", "200", "--csv",
+                      str(out / "docs" / "final.csv")]) == 0
     return out
+
+
+def synthetic_data(out, methods=tuple(runner.METHODS)):
+    """plot.load's data of the synthetic runs, and the day's end."""
+    return plot.load(out, ["coinrun"], [1, 2, 3], methods), {"coinrun": DAY_END}
 
 
 def row(table, label, which=0):
@@ -331,6 +463,132 @@ def test_table_means_and_cis(synthetic):
     assert row(table, "day (shared)")[:2] == ["3", "-0.600"]
     assert row(table, "Dreamer (random init.)", -1)[:2] == ["3", "-0.200"]
     assert row(table, "FullDreamer", -1) == ["0", "missing", "missing |"]
+
+
+def test_final_evaluation_paired_by_seed(synthetic):
+    table = (synthetic / "figures" / "results.md").read_text()
+    section = table[table.index("## Final evaluation (the same levels for the day and its nights)"):]
+    rows = {cells[0]: cells[1:] for cells in (line.split(" | ")[1:] for line in section.splitlines()
+                                              if line.startswith("| coinrun | "))}
+    t = stats.t.ppf(0.975, 2) / np.sqrt(3)  # sd of (11, 12, 13) is 1
+    night = t * np.sqrt(((11.5 - 14) ** 2 + (13.5 - 14) ** 2 + (17 - 14) ** 2) / 2)  # 10 + seed + FINAL_CHANGE
+    change = t * np.sqrt(((0.5 - 2) ** 2 + (1.5 - 2) ** 2 + (4 - 2) ** 2) / 2)
+    assert rows["RndDreamer"] == ["3", f"12.00 ± {t:.2f}", f"14.00 ± {night:.2f}", f"2.00 ± {change:.2f}",
+                                  f"22.00 ± {t:.2f}", f"23.00 ± {t:.2f}", "1.00 ± 0.00 |"]
+    # seed 1 without a final evaluation, seed 3 without a night: seed 2 alone
+    assert rows["Offline"] == ["1", "12.00", "13.50", "1.50", "22.00", "23.00", "1.00 |"]
+    assert rows["FullDreamer"] == ["0"] + ["missing"] * 5 + ["missing |"]
+
+
+def test_final_csv(synthetic):
+    """One row per (game, method, seed) of the nights; an empty field where a value is missing."""
+    text = (synthetic / "figures" / "final.csv").read_text()
+    assert (synthetic / "docs" / "final.csv").read_text() == text
+    rows = list(csv.DictReader(text.splitlines()))
+    assert list(rows[0]) == ["game", "method", "seed", "day_final", "day_final_se", "night_final", "night_final_se",
+                             "day_train_final", "day_train_final_se", "night_train_final", "night_train_final_se",
+                             "day_last10", "night_last10"]
+    assert [(r["method"], r["seed"]) for r in rows] == [(m, str(s)) for m in runner.METHODS for s in (1, 2, 3)]
+    by = {(r["method"], int(r["seed"])): r for r in rows}
+    assert by["rnd", 2] == dict(game="coinrun", method="rnd", seed="2", day_final="12", day_final_se="0.1",
+                                night_final="13.5", night_final_se="0.2", day_train_final="22",
+                                day_train_final_se="0.1", night_train_final="23", night_train_final_se="0.2",
+                                day_last10="2", night_last10="4")
+    assert by["offline", 1]["night_final"] == by["offline", 1]["night_train_final_se"] == ""  # an older run
+    assert by["offline", 1]["day_final"] == "11" and by["offline", 1]["night_last10"] == "2"
+    assert by["offline", 3]["night_last10"] == by["valdiv", 2]["night_final"] == "" != by["valdiv", 2]["day_final"]
+    assert all(r["night_final"] == "" for r in rows if r["method"] == "full")
+
+
+def test_final_table_says_when_no_run_has_it():
+    rows = [dict(game="coinrun", method="rnd", seed=1, **{c: np.nan for c in plot.CSV_COLUMNS[3:]})]
+    assert plot.final_table(rows)[0] == "No run has the final evaluation (the `final/*` scalars: these runs are " \
+                                        "older than it)."
+
+
+def lines_of(fig):
+    """{label: Line2D} of the figure's first panel."""
+    return {line.get_label(): line for line in fig.axes[0].get_lines()}
+
+
+@pytest.mark.parametrize("name, equal", [("fig3", ["dreamer_random", "dreamer_collected"]),
+                                         ("fig4", ["dreamer_random", "rnd", "deepdream"])])
+def test_methods_with_equal_curves_all_show(synthetic, name, equal):
+    """Each method its own (marker, dash) and marker size; the legend in the paper's order."""
+    data, ends = synthetic_data(synthetic)
+    fig = plot.draw_figure(name, data, ["coinrun"], ends, {"coinrun": 2.5}, 1)
+    methods = runner.FIGURES[name]
+    labels = [runner.METHODS[m].label for m in methods]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["day (shared)", *labels, "random policy"]
+    lines = lines_of(fig)
+    assert all(list(lines[runner.METHODS[m].label].get_ydata()) == list(lines[labels[0]].get_ydata()) for m in equal)
+    looks = [(lines[label].get_marker(), lines[label].get_linestyle(), lines[label].get_markersize()) for label in labels]
+    assert len({look[:2] for look in looks}) == len({look[2] for look in looks}) == len(labels)
+    assert all(marker not in ("", "None") for marker, _, _ in looks)
+    plot.plt.close(fig)
+
+
+def test_night_lines_start_at_the_days_end(synthetic):
+    """The gap figure's night lines, train and test levels alike, start at the day's end (a night logs no train-levels
+    return there: the day's is taken)."""
+    data, ends = synthetic_data(synthetic)
+    lines = lines_of(plot.draw_gap(data, ["coinrun"], ends, "rnd", 1))
+    for kind, day_last in (("train levels", 3.0), ("test", 2.0)):  # the mean over seeds of d + 1 and of d
+        assert lines[f"{kind}, night"].get_xdata()[0] == DAY_END == lines[f"{kind}, day"].get_xdata()[-1]
+        assert lines[f"{kind}, night"].get_ydata()[0] == pytest.approx(day_last)
+    plot.plt.close("all")
+
+
+def test_smoothing_and_the_band_said_in_the_title(synthetic):
+    assert list(plot.smoothed(np.array([1.0, 2, 3, 4]), 2)) == [1, 1.5, 2.5, 3.5]
+    assert list(plot.smoothed(np.array([1.0, 5, 3]), 1)) == [1, 5, 3]
+    data, ends = synthetic_data(synthetic)
+    fig = plot.draw_figure("fig5", data, ["coinrun"], ends, {"coinrun": 2.5}, 3)
+    day = lines_of(fig)["day (shared)"].get_ydata()
+    assert day[5] == pytest.approx((100 + 100 + 2) / 3)  # the first epoch of d = seed, after two of 100
+    title = fig.get_suptitle()
+    assert "band: 95% CI of the mean (Student's t over seeds)" in title and "trailing mean over 3 evaluations" in title
+    assert "trailing" not in plot.draw_figure("fig5", data, ["coinrun"], ends, {"coinrun": 2.5}, 1).get_suptitle()
+    plot.plt.close("all")
+
+
+def test_aggregate_ticks_apart_and_one_seed_said_so():
+    """Every method, each from -0.8 to -0.6 (matplotlib's default ticks there, every 0.025, overlapped)."""
+    result = {m: (-0.7, -0.8, -0.6, 1 if m == runner.DAY else 2) for m in (runner.DAY, *runner.METHODS)}
+    fig = plot.draw_aggregate(result, ["coinrun"])
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()][:3] == ["day (1 seed)", "Dreamer (random init.) (2 seeds)",
+                                                                 "Dreamer (collected init.) (2 seeds)"]
+    boxes = sorted((t.get_window_extent() for t in ax.get_xticklabels() if t.get_visible() and t.get_text()),
+                   key=lambda box: box.x0)
+    assert len(boxes) >= 3 and all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))
+    plot.plt.close(fig)
+
+
+def test_plot_with_nothing_finished_says_so_in_one_line(tmp_path, capsys):
+    write_run(runner.run_dir(tmp_path, "coinrun", runner.DAY, 1), [1.0])
+    (runner.run_dir(tmp_path, "coinrun", runner.DAY, 1) / runner.DONE).unlink()  # as after `--gamma 0.5`
+    assert plot.main(["--out", str(tmp_path), "--envs", "coinrun", "--seeds", "1", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"nothing to plot: no run in {tmp_path} has finished (games coinrun, seeds 1 2)\n"
+    assert not (tmp_path / "figures").exists()
+    assert not plot.draw_gap({("coinrun", runner.DAY): {}, ("coinrun", "rnd"): {}}, ["coinrun"], {"coinrun": 0},
+                             "rnd", 1).legends  # no line, no legend (it raised)
+
+
+def test_plot_draws_what_there_is_and_names_what_is_missing(tmp_path, capsys):
+    write_run(runner.run_dir(tmp_path, "coinrun", runner.DAY, 1), [1.0, 2.0], [3.0, 4.0])
+    (tmp_path / "random_scores.json").write_text(json.dumps({"coinrun": {"episodes": 100, "score": 2.5}}))
+    assert plot.main(["--out", str(tmp_path), "--envs", "coinrun", "--seeds", "1", "2", "--figures", "fig3",
+                      "--reps", "50"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == ("not finished, left out: coinrun: day (shared) (seed 2); "
+                                                       "Dreamer (random init.) (seeds 1, 2); Dreamer (collected init.) "
+                                                       "(seeds 1, 2)")
+    assert all((tmp_path / "figures" / name).exists() for name in ("fig3.png", "gap.png", "aggregate.png", "final.csv"))
+    table = (tmp_path / "figures" / "results.md").read_text()
+    assert row(table, "Dreamer (random init.)")[0] == "0/2 (missing: 1, 2)"
+    assert "No run has the final evaluation" in table
 
 
 def test_figures_written(synthetic):
