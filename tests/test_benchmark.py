@@ -113,7 +113,7 @@ def test_dry_run_cpu_preset(tmp_path):
 @pytest.mark.parametrize("variables, allowed", [
     (dict(SEEDS="abc"), "'abc' is not a seed; seeds are whole numbers, 0 <= seed < 2^31"),
     (dict(SEEDS="1 -1"), "'-1' is not a seed"), (dict(SEEDS="2147483648"), "0 <= seed < 2^31"),
-    (dict(SEEDS=""), "at least one seed"), (dict(PRESET="huge"), "one of paper, cpu, tiny"),
+    (dict(SEEDS=""), "at least one seed"), (dict(PRESET="huge"), "one of paper, cpu, cpu-matched, tiny"),
     (dict(WORKERS="-2"), "a whole number, 1 or more"), (dict(WORKERS="0"), "a whole number, 1 or more"),
     (dict(WORKERS_PER_GPU="four"), "1 or more"), (dict(SMOOTH="0"), "1 or more"),
     (dict(BACKEND="aws"), "one of local, slurm"), (dict(SLURM_TIME_MIN="4h", BACKEND="slurm"), "1 or more"),
