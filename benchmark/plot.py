@@ -50,6 +50,10 @@ TEST, TRAIN = "charts/test_return", "charts/train_levels_return"
 # standard errors of their means over episodes
 FINAL = dict(test="final/test_return", test_se="final/test_return_se", train="final/train_levels_return",
              train_se="final/train_levels_return_se")
+# the diagnostics: the day's world model on steps it has not trained on (open-loop prediction), and by night the
+# dreams' imagined return beside the real test return
+OPENLOOP = ("reward_error", "reward_recall", "cont_accuracy", "image_mse")
+DREAM_RETURN = "dream/return_mean"
 LAST = 10  # epochs averaged at the end of a phase
 # ProcGen easy mode (R_min, R_max): Cobbe et al. 2020, "Leveraging Procedural Generation to Benchmark RL", App. C
 EASY_RANGES = {"coinrun": (5, 10), "starpilot": (2.5, 64), "caveflyer": (3.5, 12), "dodgeball": (1.5, 19),
@@ -69,7 +73,7 @@ CSV_COLUMNS = ("game", "method", "seed", "day_final", "day_final_se", "night_fin
                "night_last10")
 
 
-def read_run(path, tags=(TEST, TRAIN, *FINAL.values())):
+def read_run(path, tags=(TEST, TRAIN, *FINAL.values(), *(f"openloop/{k}" for k in OPENLOOP), DREAM_RETURN)):
     """{tag: (steps, values)} of a finished run (every scalar tag for tags=None), or None."""
     if not (path / DONE).exists():
         return None
@@ -336,17 +340,59 @@ def final_table(rows):
              "its nights; mean ± 95% CI (Student's t) over the seeds that have both; the change is night − day, "
              "paired by seed. Per seed: final.csv.", "",
              "| game | method | seeds | test: day final | test: night final | test: paired change | "
-             "train levels: day final | train levels: night final | train levels: paired change |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "train levels: day final | train levels: night final | train levels: paired change | "
+             "seeds to find a test change of 1 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key in dict.fromkeys((r["game"], r["method"]) for r in rows):
-        cells, counts = [], []
+        cells, counts, changes = [], [], []
         for day, night in (("day_final", "night_final"), ("day_train_final", "night_train_final")):
             pairs = np.array([(r[day], r[night]) for r in rows if (r["game"], r["method"]) == key
                               and not np.isnan(r[day]) and not np.isnan(r[night])]).reshape(-1, 2)
             counts.append(len(pairs))
-            cells += [fmt(pairs[:, 0]), fmt(pairs[:, 1]), fmt(pairs[:, 1] - pairs[:, 0])]
+            changes.append(pairs[:, 1] - pairs[:, 0])
+            cells += [fmt(pairs[:, 0]), fmt(pairs[:, 1]), fmt(changes[-1])]
+        needed = seeds_needed(changes[0])
+        cells.append("missing" if np.isnan(needed) else str(needed))
         count = str(counts[0]) + (f" ({counts[1]} on train levels)" if counts[1] != counts[0] else "")
         lines.append(f"| {key[0]} | {LABELS[key[1]]} | {count} | " + " | ".join(cells) + " |")
+    return lines + ["The last column: the seeds a paired test change of 1 point needs (95% confidence, 80% power, "
+                    "Student's t) with the spread of the changes seen here.", ""]
+
+
+def seeds_needed(changes, delta=1.0, power=0.8):
+    """The seeds a paired change of `delta` needs to be found at 95% confidence with `power`, with the spread of
+    `changes` (Student's t, two-sided): the least n with (t_0.975 + t_power; n - 1) sd / sqrt(n) <= delta."""
+    changes = np.asarray(changes, float)
+    if len(changes) < 2:
+        return np.nan
+    sd = changes.std(ddof=1)
+    return next(n for n in range(2, 10**6) if (stats.t.ppf(0.975, n - 1) + stats.t.ppf(power, n - 1)) * sd
+                / np.sqrt(n) <= delta)
+
+
+def diagnostics_table(data, games, methods, ends):
+    """The world model at the day's end (open-loop prediction, the mean of the last LAST day epochs) and, per night,
+    the dreams' imagined return and the real test return over its first and its last LAST epochs; per seed, then
+    mean ± 95% CI over seeds."""
+    lines = ["The day's world model on steps it has not trained on yet (open-loop: burn-in filtered, then H steps "
+             f"predicted with the real actions), the mean of the last {LAST} day epochs:", "",
+             "| game | seeds | reward error | recall of real rewards | continuation accuracy | image MSE |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for game in games:
+        days = data[game, DAY].values()
+        cells = [fmt([end_score(r, f"openloop/{k}", -np.inf, ends[game]) for r in days]) for k in OPENLOOP]
+        lines.append(f"| {game} | {len(days)} | " + " | ".join(cells) + " |")
+    lines += ["", f"By night, the dreams' imagined return (`{DREAM_RETURN}`) beside the real test return, each the mean "
+              f"of the night's first and of its last {LAST} epochs: a dream return that rises while the real one "
+              "does not is the agent exploiting the world model.", "",
+              "| game | method | seeds | dream return, first | dream return, last | real test return, first | "
+              "real test return, last |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for game in games:
+        for m in methods:
+            runs = [r for r in data[game, m].values() if DREAM_RETURN in r]
+            if runs:
+                cells = [fmt([(phase(r, tag, ends[game], np.inf)[1][which]).mean() for r in runs])
+                         for tag in (DREAM_RETURN, TEST) for which in (slice(0, LAST), slice(-LAST, None))]
+                lines.append(f"| {game} | {LABELS[m]} | {len(runs)} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -396,6 +442,7 @@ def main(argv=None):
     for path in (figures / "final.csv", *([args.csv] if args.csv else [])):
         write_csv(rows, path)
     lines += ["## Final evaluation (the same levels for the day and its nights)", "", *final_table(rows)]
+    lines += ["## Diagnostics", "", *diagnostics_table(data, args.envs, methods, ends)]
     result = aggregate(finals, args.envs, args.reps)
     if result:
         save(draw_aggregate(result, args.envs), figures / "aggregate")

@@ -395,9 +395,9 @@ DAY_END = 15 * 1000
 FINAL_CHANGE = {1: 0.5, 2: 1.5, 3: 4.0}  # night - day of the final evaluation on test levels, per seed
 
 
-def write_run(path, test, train=None, first=None, step0=0, every=1000, final=None):
-    """Events of one finished run: test (and train) returns at step0 + every * (1, 2, ...), `first` at step0, and
-    the final evaluation {key of plot.FINAL: value} at the last step."""
+def write_run(path, test, train=None, first=None, step0=0, every=1000, final=None, extra=None):
+    """Events of one finished run: test (and train) returns at step0 + every * (1, 2, ...), `first` at step0, the
+    final evaluation {key of plot.FINAL: value} at the last step, and `extra` {tag: values} at the test's steps."""
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(str(path))
     if first is not None:
@@ -406,6 +406,8 @@ def write_run(path, test, train=None, first=None, step0=0, every=1000, final=Non
         writer.add_scalar(plot.TEST, value, step0 + every * k)
         if train is not None:
             writer.add_scalar(plot.TRAIN, train[k - 1], step0 + every * k)
+        for tag, values in (extra or {}).items():
+            writer.add_scalar(tag, values[k - 1], step0 + every * k)
     for key, value in (final or {}).items():
         writer.add_scalar(plot.FINAL[key], value, step0 + every * len(test))
     writer.close()
@@ -418,19 +420,24 @@ def synthetic(tmp_path_factory):
     point is the day's last (not a night epoch), then 5 epochs of n = 2 * seed (train levels: n + 0.5); the offline
     night lacks seed 3, valdiv's seed 2 is unfinished (no DONE marker), FullDreamer has none. The final evaluation:
     the day's 10 + seed (standard error 0.1; train levels 20 + seed), each night's the day's + FINAL_CHANGE[seed]
-    (standard error 0.2; train levels + 1), except the offline night of seed 1 (a run older than it)."""
+    (standard error 0.2; train levels + 1), except the offline night of seed 1 (a run older than it). Diagnostics:
+    the day's open-loop metrics k * seed at the day's epoch k (k = 1, 2, 3, 4 for OPENLOOP's four), every dreaming
+    night's dream return 1, ..., 5 (the offline night has none)."""
     out = tmp_path_factory.mktemp("synthetic")
     for s in (1, 2, 3):
         day = [100.0] * 5 + [float(s)] * 10
         write_run(runner.run_dir(out, "coinrun", runner.DAY, s), day, [v + 1 for v in day],
-                  final=dict(test=10.0 + s, test_se=0.1, train=20.0 + s, train_se=0.1))
+                  final=dict(test=10.0 + s, test_se=0.1, train=20.0 + s, train_se=0.1),
+                  extra={f"openloop/{name}": [k * s * e for e in range(1, 16)]
+                         for k, name in enumerate(plot.OPENLOOP, 1)})
         for m in ("dreamer_random", "dreamer_collected", "rnd", "deepdream", "valdiv", "offline"):
             if (m, s) == ("offline", 3):
                 continue
             night = [2.0 * s] * 5
             final = dict(test=10.0 + s + FINAL_CHANGE[s], test_se=0.2, train=21.0 + s, train_se=0.2)
             write_run(runner.run_dir(out, "coinrun", m, s), night, [v + 0.5 for v in night], first=float(s),
-                      step0=DAY_END, every=400, final=None if (m, s) == ("offline", 1) else final)
+                      step0=DAY_END, every=400, final=None if (m, s) == ("offline", 1) else final,
+                      extra={} if m == "offline" else {plot.DREAM_RETURN: [1.0, 2.0, 3.0, 4.0, 5.0]})
     (runner.run_dir(out, "coinrun", "valdiv", 2) / runner.DONE).unlink()
     (out / "random_scores.json").write_text(json.dumps({"coinrun": {"episodes": 100, "score": 2.5}}))
     assert plot.main(["--out", str(out), "--envs", "coinrun", "--seeds", "1", "2", "3", "--reps", "200", "--csv",
@@ -467,17 +474,37 @@ def test_table_means_and_cis(synthetic):
 
 def test_final_evaluation_paired_by_seed(synthetic):
     table = (synthetic / "figures" / "results.md").read_text()
-    section = table[table.index("## Final evaluation (the same levels for the day and its nights)"):]
+    section = table[table.index("## Final evaluation (the same levels for the day and its nights)"):
+                    table.index("## Diagnostics")]
     rows = {cells[0]: cells[1:] for cells in (line.split(" | ")[1:] for line in section.splitlines()
                                               if line.startswith("| coinrun | "))}
     t = stats.t.ppf(0.975, 2) / np.sqrt(3)  # sd of (11, 12, 13) is 1
     night = t * np.sqrt(((11.5 - 14) ** 2 + (13.5 - 14) ** 2 + (17 - 14) ** 2) / 2)  # 10 + seed + FINAL_CHANGE
     change = t * np.sqrt(((0.5 - 2) ** 2 + (1.5 - 2) ** 2 + (4 - 2) ** 2) / 2)
+    # the seeds a change of 1 needs with the spread of (0.5, 1.5, 4): sd 1.80, (t_0.975 + t_0.8; 27) sd / sqrt(28) <= 1
+    needed = plot.seeds_needed([0.5, 1.5, 4.0])
+    sd = np.std([0.5, 1.5, 4.0], ddof=1)
+    assert needed == 28 and all((stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * sd / np.sqrt(n) > 1
+                                for n in range(2, 28))
     assert rows["RndDreamer"] == ["3", f"12.00 ± {t:.2f}", f"14.00 ± {night:.2f}", f"2.00 ± {change:.2f}",
-                                  f"22.00 ± {t:.2f}", f"23.00 ± {t:.2f}", "1.00 ± 0.00 |"]
+                                  f"22.00 ± {t:.2f}", f"23.00 ± {t:.2f}", "1.00 ± 0.00", "28 |"]
     # seed 1 without a final evaluation, seed 3 without a night: seed 2 alone
-    assert rows["Offline"] == ["1", "12.00", "13.50", "1.50", "22.00", "23.00", "1.00 |"]
-    assert rows["FullDreamer"] == ["0"] + ["missing"] * 5 + ["missing |"]
+    assert rows["Offline"] == ["1", "12.00", "13.50", "1.50", "22.00", "23.00", "1.00", "missing |"]
+    assert rows["FullDreamer"] == ["0"] + ["missing"] * 5 + ["missing", "missing |"]
+
+
+def test_diagnostics_tables(synthetic):
+    table = (synthetic / "figures" / "results.md").read_text()
+    section = table[table.index("## Diagnostics"):]
+    rows = [line.split(" | ")[1:] for line in section.splitlines() if line.startswith("| coinrun | ")]
+    day = next(c[1:] for c in rows if c[0] == "3")  # | game | seeds | ...
+    cells = {tuple(c[:2]): c[2:] for c in rows if not c[0].isdigit()}  # | game | method | seeds | ...
+    # the day: the mean of the last 10 of 15 epochs of k * seed * epoch is k * seed * 10.5; over the seeds 1, 2, 3
+    t = stats.t.ppf(0.975, 2) / np.sqrt(3)
+    assert day == [f"{k * 21:.2f} ± {k * 10.5 * t:.2f}" for k in (1, 2, 3)] + [f"{4 * 21:.2f} ± {4 * 10.5 * t:.2f} |"]
+    # each dreaming night: dream return 1..5 (first and last 10 epochs: all 5), real test return 2 * seed
+    assert cells["RndDreamer", "3"] == ["3.00 ± 0.00", "3.00 ± 0.00", f"4.00 ± {2 * t:.2f}", f"4.00 ± {2 * t:.2f} |"]
+    assert ("Offline", "2") not in cells and not any(key[0] == "Offline" for key in cells)
 
 
 def test_final_csv(synthetic):
