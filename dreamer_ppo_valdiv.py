@@ -1009,21 +1009,27 @@ def final_evaluation(wm, agent, args, device, log, phase, step):
 
 @torch.no_grad()
 def open_loop(wm, dataset, start, args, device, log, step, epoch):
-    """The world model's open-loop prediction (DreamerV3's openl) on --wm-batch-size real windows drawn uniformly from
-    the steps [start, size), not trained on yet: filter --burn-in + 1 frames, then predict H steps from the prior with
-    the real actions. Logs openloop/*, over the horizon and at its steps k = 1, 2, 4, ..., H: the reward error
-    |r^ - r|, the recall of the real non-zero rewards (predicted within half their size), the continuation's
-    accuracy, the image MSE (per pixel), each while the real episode goes on; and every --dream-images-every
-    epochs an image of truth, prediction and error. Its random numbers are its own (training's are untouched)."""
+    """The world model's open-loop prediction (DreamerV3's openl) on real windows of the steps [start, size), not
+    trained on yet: filter --burn-in + 1 frames, then predict H steps from the prior with the real actions. Of
+    --wm-batch-size uniformly drawn windows: the reward error |r^ - r|, the continuation's accuracy and the image
+    MSE (per pixel), over the horizon and at its steps k = 1, 2, 4, ..., H; over those and as many windows with an
+    event (a non-zero reward or an episode's end) in their horizon: the recall of the real rewards (predicted within
+    half their size) and of the real ends (c^ < 0.5). All while the real episode goes on; openloop/*, and every
+    --dream-images-every epochs an image of truth, prediction and error. Its random numbers are its own."""
     b, H, B = args.burn_in, args.horizon, args.wm_batch_size
-    length = b + 1 + H
+    length, data = b + 1 + H, dataset.data
     if dataset.size < length:
         return
     rng = np.random.default_rng([args.seed, step])
-    envs = rng.integers(dataset.data["actions"].shape[0], size=B)
-    starts = rng.integers(min(start, dataset.size - length), dataset.size - length + 1, size=B)
-    batch = to_torch({k: v[envs[:, None], starts[:, None] + np.arange(length)] for k, v in dataset.data.items()},
-                     device)
+    last = dataset.size - length
+    envs, starts = rng.integers(len(data["actions"]), size=B), rng.integers(min(start, last), last + 1, size=B)
+    event_env, event_t = np.nonzero((data["rewards"][:, start: dataset.size] != 0)
+                                    | (data["conts"][:, start: dataset.size] == 0))
+    if len(event_t):  # step t's reward and end are predicted at step k of a window that starts at t - b - k + 1
+        pick = rng.integers(len(event_t), size=B)
+        envs = np.concatenate([envs, event_env[pick]])
+        starts = np.concatenate([starts, np.clip(start + event_t[pick] - b - rng.integers(0, H, size=B), 0, last)])
+    batch = to_torch({k: v[envs[:, None], starts[:, None] + np.arange(length)] for k, v in data.items()}, device)
     generator = torch.Generator(device).manual_seed((args.seed * 1_000_003 + step) % 2**31)
     with autocast(device, args):
         hs, zs, *_ = wm.observe(*(batch[k][:, : b + 1] for k in ("obs", "actions", "conts", "is_first")),
@@ -1034,23 +1040,25 @@ def open_loop(wm, dataset, start, args, device, log, step, epoch):
             z = sample_onehot(wm.prior(h), generator)
             feats.append(state_features(h, z))
         reward, cont = wm.heads(torch.stack(feats, 1))
-        image = wm.decoder(torch.stack(feats, 1)).float()
-    truth = preprocess(batch["obs"][:, b + 1:])
+        image = wm.decoder(torch.stack(feats, 1)[:B]).float()
+    truth = preprocess(batch["obs"][:B, b + 1:])
     real_reward, real_cont = batch["rewards"][:, b: b + H], batch["conts"][:, b: b + H]
     # Step k's reward and continuation can be predicted while the episode has not ended before k; its frame, through k.
     going = torch.cat([torch.ones_like(real_cont[:, :1]), real_cont[:, :-1].cumprod(1)], 1).bool()
-    rewarded = going & (real_reward != 0)
     error = (reward.float() - real_reward).abs()
-    metrics = dict(reward_error=(error, going), reward_recall=((error < real_reward.abs() / 2).float(), rewarded),
-                   cont_accuracy=(((cont > 0.5).float() == real_cont).float(), going),
-                   image_mse=((image - truth).pow(2).mean((-3, -2, -1)), real_cont.cumprod(1).bool()))
+    metrics = dict(reward_error=(error[:B], going[:B]),
+                   cont_accuracy=(((cont[:B] > 0.5).float() == real_cont[:B]).float(), going[:B]),
+                   image_mse=((image - truth).pow(2).mean((-3, -2, -1)), real_cont[:B].cumprod(1).bool()),
+                   reward_recall=((error < real_reward.abs() / 2).float(), going & (real_reward != 0)),
+                   end_recall=((cont < 0.5).float(), going & (real_cont == 0)))
     ks = sorted({2**i for i in range(H.bit_length())} | {H})
     values = {}
     for name, (x, mask) in metrics.items():
         x = torch.where(mask, x, 0.0)
         values[name] = x.sum() / mask.sum()  # NaN where nothing counts: left out below
         values.update({f"{name}_{k}": x[:, k - 1].sum() / mask[:, k - 1].sum() for k in ks})
-    values["rewards_seen"] = rewarded.sum().float()
+    values.update(rewards_seen=metrics["reward_recall"][1].sum().float(),
+                  ends_seen=metrics["end_recall"][1].sum().float())
     log.scalars("openloop", {k: v for k, v in zip(values, torch.stack(list(values.values())).tolist())
                              if math.isfinite(v)}, step)
     if args.dream_images_every and (epoch - 1) % args.dream_images_every == 0:

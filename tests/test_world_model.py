@@ -389,7 +389,8 @@ class ImageLog(RecordingLog):
 
 @pytest.mark.parametrize("wrong", [False, True])
 def test_open_loop_metrics_of_a_perfect_and_a_wrong_model(wrong):
-    # Frames stamped with their step (and environment), a reward every third step, an episode end every 11th.
+    # Frames stamped with their step (and environment), a reward every third step, an episode end every 11th. Half of
+    # the windows hold an event (a reward or an end) in their horizon; all count for the recalls.
     num_envs, steps = 2, 120
     dataset = ReplayDataset(num_envs, steps)
     rng = np.random.RandomState(0)
@@ -405,10 +406,29 @@ def test_open_loop_metrics_of_a_perfect_and_a_wrong_model(wrong):
     logged = {tag.removeprefix("openloop/"): value for tag, step, value in log.points if step == 700}
     ks = ("", "_1", "_2", "_4", "_5")
     assert {f"{m}{k}" for m in ("reward_error", "cont_accuracy", "image_mse") for k in ks} <= set(logged)
-    assert logged["rewards_seen"] > 0 and "reward_recall" in logged
-    expected = (dict(reward_recall=0.0, cont_accuracy=0.0) if wrong else
-                dict(reward_error=0.0, reward_recall=1.0, cont_accuracy=1.0, image_mse=0.0))
+    assert logged["rewards_seen"] > 0 and logged["ends_seen"] > 0
+    expected = (dict(reward_recall=0.0, end_recall=0.0, cont_accuracy=0.0) if wrong else
+                dict(reward_error=0.0, reward_recall=1.0, end_recall=1.0, cont_accuracy=1.0, image_mse=0.0))
     assert {k: logged[k] for k in expected} == pytest.approx(expected)
     if wrong:
         assert logged["reward_error"] > 0.3 and logged["image_mse"] > 0.05
     assert log.images == [("openloop/truth_prediction_error", (3, 6 * 64, 5 * 64), 700)]
+
+
+def test_open_loop_recalls_count_windows_drawn_around_the_rare_events():
+    # One reward (ending its episode) in 200 steps of each environment: uniform windows would hardly ever hold it in
+    # their horizon; the windows drawn around the events do, so every recall has its support.
+    num_envs, steps = 2, 200
+    dataset = ReplayDataset(num_envs, steps)
+    for t in range(steps):
+        obs = np.zeros((num_envs, 64, 64, 3), np.uint8)
+        obs[:, 0, 0, :2] = np.stack([np.full(num_envs, t), np.arange(num_envs)], 1)
+        dataset.add(obs=obs, actions=np.zeros(num_envs), rewards=np.full(num_envs, 10.0 * (t == 120)),
+                    conts=np.full(num_envs, float(t != 120)), is_first=np.full(num_envs, t in (0, 121)),
+                    logprobs=np.zeros(num_envs))
+    args = tiny_args(wm_batch_size=8, burn_in=3, horizon=5, dream_images_every=0)
+    log = RecordingLog()
+    dreamer_ppo.open_loop(Oracle(dataset), dataset, 0, args, CPU, log, 10, 1)
+    logged = {tag: value for tag, _, value in log.points}
+    assert logged["openloop/rewards_seen"] >= 8 and logged["openloop/ends_seen"] >= 8
+    assert logged["openloop/reward_recall"] == logged["openloop/end_recall"] == 1.0
