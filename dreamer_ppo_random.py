@@ -212,9 +212,8 @@ def latent_probs(logits, unimix):
 
 
 def draw(probs, generator=None):
-    """One class per row of probabilities [..., K] (from `generator`, or torch's global one): torch.multinomial's
-    draw of one sample, the argmax of probs / E with E ~ Exp(1) (the same numbers from the same generator), without
-    its checks of the probabilities, which read them back (on a GPU, a wait at every step: pytorch/pytorch#108968)."""
+    """One class per row of probabilities [..., K]: torch.multinomial's draw (argmax of probs / E, E ~ Exp(1)),
+    without its checks, which read the probabilities back (a GPU wait at every step: pytorch/pytorch#108968)."""
     probs = probs.detach()
     return (probs / torch.empty_like(probs, memory_format=torch.contiguous_format).exponential_(
         generator=generator)).argmax(-1)
@@ -333,9 +332,8 @@ class ConvDecoder(nn.Module):
 
 
 class LayerNormGRUCell(nn.Module):
-    """DreamerV3's GRU cell (Table 1's layer normalization): one linear map of (x, h) without bias, LayerNorm,
-    then reset r, candidate and update u gates, the update gate's bias at -1 (so h changes slowly at first):
-    h' = u * tanh(r * candidate) + (1 - u) * h."""
+    """DreamerV3's GRU cell (Table 1's layer normalization): h' = u * tanh(r * candidate) + (1 - u) * h, the
+    gates from LayerNorm(W [x, h]), the update gate's bias at -1 (h changes slowly at first)."""
 
     def __init__(self, input_size, hidden_size):
         super().__init__()
@@ -400,12 +398,9 @@ class WorldModel(nn.Module):
         return h, z
 
     def observe(self, obs, actions, conts, is_first, image=None, generator=None):
-        """Posterior states of B sequences of T steps laid out as in Algorithm 1: step t holds o_t, a_t,
-        r_{t+1}, c_{t+1}. Returns, per step, h and z, the posterior and prior probabilities, and the
-        transition features (h_t, z_t) for t >= 1 that the reward and continue heads learn r_t and c_t
-        from. ProcGen resets by itself, so after an episode ends (c_t = 0) the frame o_t belongs to the
-        next level: there z_t comes from the prior, as in a dream, and only then h is reset. `image` is
-        preprocess(obs) when the caller has it already; the samples come from `generator` (or torch's global one)."""
+        """Posterior states of B sequences of T steps (step t holds o_t, a_t, r_{t+1}, c_{t+1}): per step h, z, the
+        posterior and prior probabilities, and the features (h_t, z_t), t >= 1, the heads learn r_t and c_t from. After
+        an episode ends ProcGen shows the next level's frame: there z_t comes from the prior, as in a dream."""
         B, T = actions.shape
         embed = self.encoder.embed(preprocess(obs) if image is None else image)
         first = is_first.clone()
@@ -459,9 +454,8 @@ class WorldModel(nn.Module):
 
 # %% dataset
 class ReplayDataset:
-    """The real experience D: one contiguous stream per environment, step t holding (o_t, a_t, r_{t+1},
-    c_{t+1}) as in Algorithm 1, plus is_first_t and the behaviour policy's log-probability of a_t.
-    Rewards are shaped (penalty, scale). Frames stay uint8 until they go into the network."""
+    """The real experience D: one stream per environment, step t holding (o_t, a_t, r_{t+1}, c_{t+1}) as in
+    Algorithm 1 (rewards shaped), is_first_t and the behaviour policy's log-probability of a_t; frames as uint8."""
 
     KEYS = ("obs", "actions", "rewards", "conts", "is_first", "logprobs")
 
@@ -552,9 +546,8 @@ class Agent(nn.Module):
         return twohot_decode(self.critic(s), self.bins)
 
     def get_action_and_value(self, s, action=None):
-        """a ~ pi(. | s) (or the given `action`), log pi(a | s), the policy's entropy, the critic's logits and v(s):
-        torch.distributions.Categorical's numbers, written out (its checks of its arguments read them back: on a GPU,
-        two waits per call)."""
+        """a ~ pi(. | s) (or `action`), log pi(a | s), the entropy, the critic's logits and v(s): Categorical's numbers
+        written out, without its checks (which read them back: two GPU waits per call)."""
         logits = self.actor(s).float()
         logits = logits - logits.logsumexp(-1, keepdim=True)  # log pi(. | s)
         probs = logits.softmax(-1)
@@ -578,10 +571,8 @@ def state_features(h, z):
 
 
 def gae(rewards, values, next_values, discounts, lam, cuts=None):
-    """Eq. 9 over time-first tensors [T, N]: delta_t = r_{t+1} + d_t v(s_{t+1}) - v(s_t) and
-    A_t = delta_t + lambda d_t A_{t+1}, where d_t is gamma times the continuation after step t. Where
-    cuts[t] is set, step t + 1 starts a new segment (a transformed dream state): step t bootstraps from
-    next_values[t] (the value of the state before the transformation) and takes nothing of A_{t+1}."""
+    """Eq. 9 over time-first tensors [T, N], d_t = gamma c_{t+1}: A_t = delta_t + lambda d_t A_{t+1}. Where cuts[t]
+    is set (a transformed state follows), step t bootstraps from next_values[t] and takes nothing of A_{t+1}."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[0])
     for t in reversed(range(len(rewards))):
@@ -594,9 +585,8 @@ def gae(rewards, values, next_values, discounts, lam, cuts=None):
 
 
 def stack_trajectory(steps, last_value):
-    """Lists of per-step tensors to time-first float32 tensors [T, N, ...], with next_values[t] = v(s_{t+1})
-    (the last one from `last_value`, the value of the state after the final step), taken from the per-step
-    `bootstrap_values` instead of `values` when the steps have them (a dream's untransformed states)."""
+    """Per-step lists to time-first float32 tensors [T, N, ...], with next_values[t] = v(s_{t+1}) (the last from
+    `last_value`; from `bootstrap_values`, a dream's untransformed states, when there are)."""
     traj = {k: torch.stack(v) for k, v in steps.items()}
     traj = {k: v.float() if v.is_floating_point() else v for k, v in traj.items()}
     traj["next_values"] = torch.cat([traj.pop("bootstrap_values", traj["values"])[1:], last_value[None].float()])
@@ -604,9 +594,8 @@ def stack_trajectory(steps, last_value):
 
 
 class ReturnScale:
-    """P of Section 4.2 (DreamerV3): an EMA of the 5th-95th percentile range of the return targets,
-    updated on every minibatch (DreamerV3 updates it every training batch); advantages are divided by
-    max(1, P)."""
+    """P of Section 4.2 (DreamerV3): an EMA of the 5th-95th percentile range of the return targets, updated every
+    minibatch; advantages are divided by max(1, P)."""
 
     def __init__(self, decay):
         self.decay, self.value = decay, 0.0
@@ -626,11 +615,8 @@ def ppo_objective(logprob, mb, advantages, args):
 
 
 def ppo_update(agent, optimizer, return_scale, batch, num_minibatches, args, device, objective=ppo_objective):
-    """PPO (Eqs. 6-8) for `update_epochs` iterations over `num_minibatches` minibatches of the flat
-    `batch` (states, actions, logprobs of pi_old, advantages, targets, weights): each minibatch's advantages
-    are divided by max(1, P), the policy term is `objective` (Eq. 7 unless another is given), and each
-    sample's loss is weighted. A minibatch with a non-finite loss term ends the update before its step, and its
-    terms are returned instead of the means (for `check_finite`)."""
+    """PPO (Eqs. 6-8): `update_epochs` passes over `num_minibatches` minibatches of the flat `batch`, advantages
+    divided by max(1, P), each sample's loss weighted; a non-finite loss returns its terms before its step."""
     names = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")
     stats, scales = [], []
     for _ in range(args.update_epochs):
@@ -680,18 +666,16 @@ def random_initial_states(wm, n):
 
 
 def collected_initial_states(wm, dataset, n, args):
-    """Posterior states of real data (the common practice; Figure 3), as DreamerV3 starts imagination: one from each
-    of n uniformly drawn sequences of burn_in + 1 steps (no reward prioritisation, which would start dreams just
-    after a rewarded episode end), filtered to warm up (h, z); the state at position burn_in starts a dream."""
+    """Posterior states of real data (Figure 3), as DreamerV3 starts imagination: the last of n uniformly drawn
+    windows of burn_in + 1 steps (no reward prioritisation), filtered to warm up (h, z)."""
     batch = to_torch(dataset.sample(n, args.burn_in + 1, 0.0), wm.bins.device)
     hs, zs, *_ = wm.observe(batch["obs"], batch["actions"], batch["conts"], batch["is_first"])
     return hs[:, -1], zs[:, -1]
 
 
 def imagine(wm, agent, h, z, horizon, args, clock=None):
-    """Dream `horizon` steps from states (h, z) with the actor and the frozen world model: each state may first be
-    transformed, then a_t ~ pi(s_t), h_{t+1} = f(h_t, z_t, a_t), z_{t+1} ~ p(z | h_{t+1}), and the heads predict
-    r_{t+1} and c_{t+1}. Returns time-first tensors and dream statistics; `clock` times the transformation."""
+    """Dream `horizon` steps from (h, z) with the frozen world model: transform, a_t ~ pi(s_t),
+    h_{t+1} = f(h_t, z_t, a_t), z_{t+1} ~ p(z | h_{t+1}), r_{t+1} and c_{t+1} from the heads (time-first tensors)."""
     keys = ("states", "actions", "logprobs", "values", "bootstrap_values", "rewards", "conts", "changed")
     traj = {k: [] for k in keys}
     moves = {k: [] for k in ("value_move", "h_move", "z_flip_frac")}
@@ -778,16 +762,10 @@ def transform(h, z, wm, agent, args, force=False):
 # %% evaluation
 @torch.no_grad()
 def evaluate(wm, agent, args, step, device, episodes=None):
-    """The returns logged after every epoch: test_return, the mean game score of the current policy (acting on
-    posterior states with sampled actions) over num_envs x test_repetitions episodes on the full level distribution
-    (Table 2: 5 x 5; the curve of Figures 3-5) and, with --eval-train-levels, train_levels_return, the same on the N
-    training levels. Each is the first episode of each of that many fresh environments, all played side by side in
-    one batch (the same statistic as 5 episodes in a row in each of 5 environments, without the wait). ProcGen
-    ignores resets, so every evaluation makes fresh environments, their levels drawn from the seed and the step: no
-    episode is counted half-played. Its random numbers (latent samples, actions) come from a generator of its own
-    seeded the same way: the returns do not depend on when it runs, and training's random numbers on whether it
-    ran (`Evaluator`). With `episodes` (the final evaluation, step -1), that many of each, and each mean's standard
-    error as {name}_se. A policy whose action probabilities are not finite stops the run instead of being scored."""
+    """test_return, the mean score of the policy (on posterior states, sampled actions) over the first episode of
+    num_envs x test_repetitions fresh environments on the full level distribution (Table 2; Figures 3-5), played in one
+    batch, and train_levels_return on the N training levels; levels and random numbers from (seed, step) alone, so the
+    returns do not depend on when it runs. `episodes` (step -1): the final evaluation, with standard errors {name}_se."""
     n = episodes or args.num_envs * args.test_repetitions
     seed = (args.seed * 1_000_003 + step) % 2**31
     levels = dict(test_return=0, **(dict(train_levels_return=args.num_levels) if args.eval_train_levels else {}))
@@ -832,76 +810,11 @@ def evaluate(wm, agent, args, step, device, episodes=None):
     return returns
 
 
-def final_evaluation(wm, agent, args, device, log, phase, step):
-    """The phase's end measured precisely (not in the paper): --final-episodes episodes of each kind on levels drawn
-    from the seed alone, so that a day's final agent and each of its nights' meet the same levels; logged as
-    final/* at the phase's last step and printed."""
-    if args.final_episodes:
-        start = time.time()
-        returns = evaluate(wm, agent, args, -1, device, episodes=args.final_episodes)
-        log.scalars("final", returns, step)
-        print(f"final evaluation of the {phase} ({args.final_episodes} episodes each, {time.time() - start:.0f} s): "
-              + ", ".join(f"{name.removesuffix('_return').replace('_', ' ')} {returns[name]:.2f} ± "
-                          f"{returns[name + '_se']:.2f}" for name in returns if not name.endswith("_se")), flush=True)
-
-
-@torch.no_grad()
-def open_loop(wm, dataset, start, args, device, log, step, epoch):
-    """The world model's open-loop prediction (DreamerV3's openl) on --wm-batch-size real windows drawn uniformly from
-    the steps [start, size), not trained on yet: filter --burn-in + 1 frames, then predict H steps from the prior with
-    the real actions. Logs openloop/*, over the horizon and at its steps k = 1, 2, 4, ..., H: the reward error
-    |r^ - r|, the recall of the real non-zero rewards (predicted within half their size), the continuation's
-    accuracy, the image MSE (per pixel), each while the real episode goes on; and every --dream-images-every
-    epochs an image of truth, prediction and error. Its random numbers are its own (training's are untouched)."""
-    b, H, B = args.burn_in, args.horizon, args.wm_batch_size
-    length = b + 1 + H
-    if dataset.size < length:
-        return
-    rng = np.random.default_rng([args.seed, step])
-    envs = rng.integers(dataset.data["actions"].shape[0], size=B)
-    starts = rng.integers(min(start, dataset.size - length), dataset.size - length + 1, size=B)
-    batch = to_torch({k: v[envs[:, None], starts[:, None] + np.arange(length)] for k, v in dataset.data.items()},
-                     device)
-    generator = torch.Generator(device).manual_seed((args.seed * 1_000_003 + step) % 2**31)
-    with autocast(device, args):
-        hs, zs, *_ = wm.observe(*(batch[k][:, : b + 1] for k in ("obs", "actions", "conts", "is_first")),
-                                generator=generator)
-        h, z, feats = hs[:, -1], zs[:, -1], []
-        for k in range(H):  # the states of steps b + 1, ..., b + H
-            h = wm.recurrent(h, z, batch["actions"][:, b + k]).float()
-            z = sample_onehot(wm.prior(h), generator)
-            feats.append(state_features(h, z))
-        reward, cont = wm.heads(torch.stack(feats, 1))
-        image = wm.decoder(torch.stack(feats, 1)).float()
-    truth = preprocess(batch["obs"][:, b + 1:])
-    real_reward, real_cont = batch["rewards"][:, b: b + H], batch["conts"][:, b: b + H]
-    # Step k's reward and continuation can be predicted while the episode has not ended before k; its frame, through k.
-    going = torch.cat([torch.ones_like(real_cont[:, :1]), real_cont[:, :-1].cumprod(1)], 1).bool()
-    rewarded = going & (real_reward != 0)
-    error = (reward.float() - real_reward).abs()
-    metrics = dict(reward_error=(error, going), reward_recall=((error < real_reward.abs() / 2).float(), rewarded),
-                   cont_accuracy=(((cont > 0.5).float() == real_cont).float(), going),
-                   image_mse=((image - truth).pow(2).mean((-3, -2, -1)), real_cont.cumprod(1).bool()))
-    ks = sorted({2**i for i in range(H.bit_length())} | {H})
-    values = {}
-    for name, (x, mask) in metrics.items():
-        x = torch.where(mask, x, 0.0)
-        values[name] = x.sum() / mask.sum()  # NaN where nothing counts: left out below
-        values.update({f"{name}_{k}": x[:, k - 1].sum() / mask[:, k - 1].sum() for k in ks})
-    values["rewards_seen"] = rewarded.sum().float()
-    log.scalars("openloop", {k: v for k, v in zip(values, torch.stack(list(values.values())).tolist())
-                             if math.isfinite(v)}, step)
-    if args.dream_images_every and (epoch - 1) % args.dream_images_every == 0:
-        rows = [x for i in range(min(2, B)) for x in (truth[i] + 0.5, image[i] + 0.5, (image[i] - truth[i]).abs())]
-        log.writer.add_image("openloop/truth_prediction_error", torch.cat([torch.cat(list(r), -1) for r in rows], -2)
-                             .clamp(0, 1), step)
-
 # %% day
 @dataclass
 class DayState:
-    """Where a day stands after an epoch, all a resumed day needs besides the run's objects: the frames the
-    environments show (is_first where an episode starts; `envs_state` ProcGen's own), the agent's state (h, z),
-    each episode's score so far, the epoch, its step and test return."""
+    """Where a day stands after an epoch, what a resumed day goes on from: the frames shown (`envs_state`:
+    ProcGen's own), the agent's state (h, z), each episode's score so far, the epoch, its step and test return."""
     obs: np.ndarray
     is_first: np.ndarray
     score: np.ndarray
@@ -915,9 +828,8 @@ class DayState:
 
 def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device, checkpoint=None,
         state=None):
-    """Algorithm 1 by day: S random seed episodes, then E_d epochs of U_w world-model updates, T_d real steps with
-    the agent acting on posterior states, a PPO update on them and an evaluation; `checkpoint` after each epoch.
-    Resumed, the epochs after `state`'s."""
+    """Algorithm 1 by day: S random seed episodes, then E_d epochs of U_w world-model updates, T_d real steps acting
+    on posterior states, PPO on them, an evaluation and `checkpoint`. Resumed: the epochs after `state`'s."""
     penalty, scale = reward_shaping(args)
     n = args.num_envs
     s = state or play_seed_episodes(args, wm, dataset, envs, device)
@@ -1020,9 +932,8 @@ def play_seed_episodes(args, wm, dataset, envs, device):
 
 # %% night
 def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, step, checkpoint=None, epoch=0):
-    """Algorithm 1 by night: E_n epochs of B_a U_a dreams of H steps from the frozen world model, a PPO update on
-    them (gamma = 1 - 1/H, continuation-discounted) and an evaluation; `checkpoint` after each epoch. Resumed, the
-    epochs after `epoch`."""
+    """Algorithm 1 by night: E_n epochs of B_a U_a dreams of H steps from the frozen world model, PPO on them
+    (gamma = 1 - 1/H), an evaluation and `checkpoint`. Resumed: the epochs after `epoch`."""
     wm.requires_grad_(False)
     if epoch == 0:  # a resumed night keeps the learning rates restored with its optimizer
         for group in agent_optimizer.param_groups:
@@ -1066,7 +977,7 @@ def needs_replay(args):
     return args.init_states == "collected"
 
 # %% run flags
-# ======== The harness: run flags, checks, checkpoints and resume, logging, the evaluation's thread, main. ========
+# ===== The harness: run flags, checks, checkpoints and resume, logging, evaluation thread, diagnostics, main =====
 Resumable = Annotated[T, "resumable"]  # a run flag a resumed run may change: how it runs, not what it computes
 
 
@@ -1250,9 +1161,8 @@ def run_state(wm, agent, wm_optimizer, agent_optimizer, return_scale, args, prog
 
 
 class Checkpoints:
-    """The run's checkpoints at the end of an epoch: {run_dir}/checkpoint.pt every --checkpoint-every epochs, at the
-    end of the day and of the night, and once SIGTERM or SIGUSR1 has arrived (then exit PREEMPTED); the one before
-    stays as checkpoint.prev.pt; each day epoch's real steps go to replay/; --save-day adds day.pt."""
+    """The run's checkpoints at epoch ends: checkpoint.pt every --checkpoint-every epochs, at the end of each phase
+    and after SIGTERM or SIGUSR1 (then exit PREEMPTED), the one before kept; replay/ by day; day.pt with --save-day."""
 
     def __init__(self, run_dir, args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset):
         self.run_dir, self.args, self.dataset = run_dir, args, dataset
@@ -1271,7 +1181,8 @@ class Checkpoints:
             return
         progress = dict(phase=phase, epoch=epoch, step=step, test_return=test_return(), replay_size=self.dataset.size)
         state = run_state(*self.objects, self.args, progress, loop())
-        atomic_save(state, os.path.join(self.run_dir, "checkpoint.pt"), os.path.join(self.run_dir, "checkpoint.prev.pt"))
+        path = os.path.join(self.run_dir, "checkpoint.pt")
+        atomic_save(state, path, previous=os.path.join(self.run_dir, "checkpoint.prev.pt"))
         self.latest = f"{phase} epoch {epoch}/{epochs}"
         if phase == "day" and epoch == epochs and self.args.save_day:
             atomic_save(state, os.path.join(self.run_dir, "day.pt"))
@@ -1330,9 +1241,8 @@ def check_disk(run_dir, args, wm, agent, day_to_run):
 
 
 def read_checkpoint(path, args, flag):
-    """Read a checkpoint for --resume (None when it cannot be read: the caller tries the one before) or for
-    --day-checkpoint, refusing one made with settings this run cannot go on from: for a resume, any flag but the
-    Resumable ones; for a night, the DayFixed flags and the reward shaping (the replay holds shaped rewards)."""
+    """Read a checkpoint for `flag`, --resume (None when unreadable) or --day-checkpoint, refusing one made with other
+    settings: for a resume any but the Resumable flags, for a night the DayFixed flags and the reward shaping."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         saved, phase = ckpt["args"], ckpt["progress"]["phase"]
@@ -1366,7 +1276,8 @@ def read_checkpoint(path, args, flag):
 def latest_checkpoint(run_dir, args):
     """The last readable checkpoint of the run in `run_dir` (checkpoint.pt, else checkpoint.prev.pt); None when it
     has none yet."""
-    found = [p for p in (os.path.join(run_dir, n) for n in ("checkpoint.pt", "checkpoint.prev.pt")) if os.path.exists(p)]
+    found = [p for p in (os.path.join(run_dir, name) for name in ("checkpoint.pt", "checkpoint.prev.pt"))
+             if os.path.exists(p)]
     for path in found:
         ckpt = read_checkpoint(path, args, "--resume")
         if ckpt is not None:
@@ -1483,10 +1394,8 @@ class Logger:
 
 
 class Evaluator:
-    """Each epoch's evaluation (`evaluate`), logged as charts/* at the epoch's step with the epoch's line. With
-    --eval-overlap it runs in a thread of its own on a copy of the weights taken at the epoch's end, while the next
-    epoch trains (on CUDA in a stream of its own): the same returns. A daemon thread, not an executor's, so that
-    Ctrl-C and SIGTERM end the run without waiting for it."""
+    """Each epoch's `evaluate`, logged as charts/* with the epoch's line; with --eval-overlap in a daemon thread (not an
+    executor's: Ctrl-C and SIGTERM need not wait for it) on a copy of the epoch's weights while the next epoch trains."""
 
     def __init__(self, wm, agent, args, device, log, test_return=None):
         self.args, self.device, self.log = args, device, log
@@ -1538,11 +1447,72 @@ class Evaluator:
         self.log.scalars("charts", returns, step)
         self.log.progress(phase, epoch, epochs, step, f"test {self.test_return:.2f} {text}")
 
+# %% diagnostics
+def final_evaluation(wm, agent, args, device, log, phase, step):
+    """The phase's end measured precisely (not in the paper): --final-episodes of each kind on levels drawn from the
+    seed alone, the same for a day and its nights; final/* at the phase's last step, and a line."""
+    if args.final_episodes:
+        start = time.time()
+        returns = evaluate(wm, agent, args, -1, device, episodes=args.final_episodes)
+        log.scalars("final", returns, step)
+        print(f"final evaluation of the {phase} ({args.final_episodes} episodes each, {time.time() - start:.0f} s): "
+              + ", ".join(f"{name.removesuffix('_return').replace('_', ' ')} {returns[name]:.2f} ± "
+                          f"{returns[name + '_se']:.2f}" for name in returns if not name.endswith("_se")), flush=True)
+
+
+@torch.no_grad()
+def open_loop(wm, dataset, start, args, device, log, step, epoch):
+    """The world model's open-loop prediction (DreamerV3's openl) on B_w real windows from steps [start, size), not
+    trained on yet: filter burn_in + 1 frames, then predict H steps with the real actions. openloop/*: reward error,
+    recall of the non-zero rewards, continuation accuracy, image MSE, over the horizon and at k = 1, 2, 4, ..., H."""
+    b, H, B = args.burn_in, args.horizon, args.wm_batch_size
+    length = b + 1 + H
+    if dataset.size < length:
+        return
+    rng = np.random.default_rng([args.seed, step])
+    envs = rng.integers(dataset.data["actions"].shape[0], size=B)
+    starts = rng.integers(min(start, dataset.size - length), dataset.size - length + 1, size=B)
+    batch = to_torch({k: v[envs[:, None], starts[:, None] + np.arange(length)] for k, v in dataset.data.items()},
+                     device)
+    generator = torch.Generator(device).manual_seed((args.seed * 1_000_003 + step) % 2**31)
+    with autocast(device, args):
+        hs, zs, *_ = wm.observe(*(batch[k][:, : b + 1] for k in ("obs", "actions", "conts", "is_first")),
+                                generator=generator)
+        h, z, feats = hs[:, -1], zs[:, -1], []
+        for k in range(H):  # the states of steps b + 1, ..., b + H
+            h = wm.recurrent(h, z, batch["actions"][:, b + k]).float()
+            z = sample_onehot(wm.prior(h), generator)
+            feats.append(state_features(h, z))
+        reward, cont = wm.heads(torch.stack(feats, 1))
+        image = wm.decoder(torch.stack(feats, 1)).float()
+    truth = preprocess(batch["obs"][:, b + 1:])
+    real_reward, real_cont = batch["rewards"][:, b: b + H], batch["conts"][:, b: b + H]
+    # Step k's reward and continuation can be predicted while the episode has not ended before k; its frame, through k.
+    going = torch.cat([torch.ones_like(real_cont[:, :1]), real_cont[:, :-1].cumprod(1)], 1).bool()
+    rewarded = going & (real_reward != 0)
+    error = (reward.float() - real_reward).abs()
+    metrics = dict(reward_error=(error, going), reward_recall=((error < real_reward.abs() / 2).float(), rewarded),
+                   cont_accuracy=(((cont > 0.5).float() == real_cont).float(), going),
+                   image_mse=((image - truth).pow(2).mean((-3, -2, -1)), real_cont.cumprod(1).bool()))
+    ks = sorted({2**i for i in range(H.bit_length())} | {H})
+    values = {}
+    for name, (x, mask) in metrics.items():
+        x = torch.where(mask, x, 0.0)
+        values[name] = x.sum() / mask.sum()  # NaN where nothing counts: left out below
+        values.update({f"{name}_{k}": x[:, k - 1].sum() / mask[:, k - 1].sum() for k in ks})
+    values["rewards_seen"] = rewarded.sum().float()
+    log.scalars("openloop", {k: v for k, v in zip(values, torch.stack(list(values.values())).tolist())
+                             if math.isfinite(v)}, step)
+    if args.dream_images_every and (epoch - 1) % args.dream_images_every == 0:
+        rows = [x for i in range(min(2, B)) for x in (truth[i] + 0.5, image[i] + 0.5, (image[i] - truth[i]).abs())]
+        log.writer.add_image("openloop/truth_prediction_error", torch.cat([torch.cat(list(r), -1) for r in rows], -2)
+                             .clamp(0, 1), step)
+
+
 # %% main
 def claim_run_dir(args):
-    """The run's directory, made and locked (fcntl.flock, released when the process ends) before any work:
-    --run-dir, or a new runs/{env_id}__{exp_name}[_collected][_night]__{seed}__{time}[_k]. Refused when it holds
-    a run's TensorBoard events (but with --resume), when a live run holds it, or when it cannot be written."""
+    """The run's directory (--run-dir, or a new runs/{env_id}__{exp_name}[_collected][_night]__{seed}__{time}[_k]),
+    locked with flock before any work; refused when in use, holding a run's events (without --resume), or unwritable."""
     path = args.run_dir
     try:
         if path is None:
@@ -1599,7 +1569,7 @@ def main(args):
     checkpoint = Checkpoints(run_dir, args, *objects, dataset)
     progress = resumed["progress"] if resumed else dict(phase="night" if day_ckpt else "day", epoch=0, step=0)
     phase, epoch = progress["phase"], progress["epoch"]
-    finished = (phase, epoch) == ("night", args.night_epochs) or (phase, epoch, args.night_epochs) == ("day", args.day_epochs, 0)
+    finished = epoch == args.night_epochs if phase == "night" else epoch == args.day_epochs and not args.night_epochs
     if epoch and finished:
         print(f"{run_dir}: the run is finished (its last checkpoint is the end of the {phase}); nothing to do")
         return end_run(args, run_dir, lock, envs)
@@ -1642,7 +1612,8 @@ def main(args):
             progress = day(args, *objects, dataset, envs, log, device, checkpoint, state)
             epoch = 0
         elif day_ckpt is not None:  # a new night from a day checkpoint
-            progress = restore(day_ckpt, *objects, dataset, replay_path(args.day_checkpoint) if needs_replay(args) else None)
+            replay = replay_path(args.day_checkpoint) if needs_replay(args) else None
+            progress = restore(day_ckpt, *objects, dataset, replay)
             day_ckpt = None  # the dataset now lives in `dataset`: free the checkpoint's copy
             log.scalars("charts", dict(test_return=progress["test_return"]), progress["step"])
             print(f"night from {args.day_checkpoint}: day ended at step {progress['step']:,} with test return "
