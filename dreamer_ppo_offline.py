@@ -894,7 +894,7 @@ def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, e
     s.h, s.z = s.h.to(device), s.z.to(device)
     evaluation = Evaluator(wm, agent, args, device, log, s.test_return)
     for s.epoch in range(s.epoch + 1, args.day_epochs + 1):
-        clock = Stopwatch()
+        clock = Stopwatch("world_model", "acting", "ppo", "evaluation", "diagnostics")
         # The model's predictions on the steps it has not trained on yet: the last epoch's (the first: the seed's).
         open_loop(wm, dataset, dataset.size - args.day_steps // n if s.epoch > 1 else 0, args, device, log, s.step,
                   s.epoch)
@@ -1359,11 +1359,11 @@ def restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, datase
 
 # %% logging
 class Stopwatch:
-    """The seconds of each part of an epoch: `lap(part)` ends a part; `with part(name)` times a part nested in the
-    current one, which leaves it out."""
+    """The seconds of each part of an epoch (listed in the order of `parts`, then as they come): `lap(part)` ends a
+    part; `with part(name)` times a part nested in the current one, which leaves it out."""
 
-    def __init__(self):
-        self.parts, self.last, self.nested = {}, time.time(), 0.0
+    def __init__(self, *parts):
+        self.parts, self.last, self.nested = dict.fromkeys(parts, 0.0), time.time(), 0.0
 
     def lap(self, name):
         now = time.time()
