@@ -9,22 +9,26 @@ Where the paper is terse, the choices made (and why) are listed in CHOICES.md, b
 """
 
 # %% imports
+import contextlib
 import copy
+import fcntl
 import glob
 import importlib.util
 import itertools
 import math
 import netrc
 import os
+import pathlib
 import random
+import shlex
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
+import typing
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -42,53 +46,23 @@ from procgen import ProcgenEnv  # noqa: E402
 from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 
 
-# %% args
+# %% hyperparameters
 PROCGEN_GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
                  "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
+T = TypeVar("T")
+DayFixed = Annotated[T, "day"]  # a flag a night must share with the day checkpoint it starts from (`read_checkpoint`)
 
 
 @dataclass
-class Args:
-    exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment (the script's name)"""
-    seed: int = 1
-    """seed of the experiment, in [0, 2^31)"""
-    torch_deterministic: bool = True
-    """`torch.backends.cudnn.deterministic`"""
-    cuda: bool = True
-    """use CUDA when there is a GPU; CPU otherwise"""
-    bf16: bool = True
-    """the paper's mixed precision: bf16 autocast where the device computes bf16 natively (CUDA, a CPU with
-    AVX512-BF16 or AMX), fp32 elsewhere; --no-bf16: fp32 everywhere"""
-    track: bool = False
-    """mirror TensorBoard to Weights & Biases (`pip install -e ".[wandb]"`; `wandb login` or WANDB_MODE=offline)"""
-    wandb_project_name: str = "dreamer-ppo"
-    """the Weights & Biases project"""
-    wandb_entity: Optional[str] = None
-    """the Weights & Biases entity (team)"""
-    run_dir: Optional[str] = None
-    """where the run writes (TensorBoard events, checkpoints, the real data); default
-    runs/{env_id}__{exp_name}[_collected][_night]__{seed}__{time}, made unique. A directory that already holds
-    a run's events (unless --resume), or that a running run is using, is refused"""
-    resume: bool = False
-    """continue the run of --run-dir from its last checkpoint (start it when it has none): the same command with
-    --resume added; the epochs after that checkpoint are redone (not in the paper)"""
-    checkpoint_every: int = 10
-    """write {run_dir}/checkpoint.pt (the one before kept as checkpoint.prev.pt) every this many epochs, at the end
-    of the day and of the night, and on SIGTERM or SIGUSR1 (then exit 75); 0: only at those ends (not in the paper)"""
-    save_day: bool = False
-    """write the state at the end of the day to {run_dir}/day.pt (models, optimizers, RNG) and keep the real data
-    in {run_dir}/replay/ (12.3 GB at the paper's size; a run without --save-day deletes it at its end), for
-    nights started with --day-checkpoint; not with --day-checkpoint (no day is run)"""
-    day_checkpoint: Optional[str] = None
-    """start from a day checkpoint written by any dreamer_ppo*.py script and run only the night"""
+class Hyperparameters:
+    """The paper's hyperparameters (Tables 1-2); the run's own flags are `Args`, in the harness below."""
 
     # Environment (Section 5.1, Table 2)
-    env_id: Literal[PROCGEN_GAMES] = "coinrun"
+    env_id: DayFixed[Literal[PROCGEN_GAMES]] = "coinrun"
     """the ProcGen game (easy mode)"""
     num_levels: int = 200
     """N: training levels; tests use the full distribution (Section 5.1)"""
-    num_envs: int = 5
+    num_envs: DayFixed[int] = 5
     """parallelized environments (Table 2)"""
     test_repetitions: int = 5
     """test repetition (Table 2): each evaluation plays num_envs x test_repetitions test episodes"""
@@ -125,38 +99,25 @@ class Args:
     init_states: Literal["random", "collected"] = "random"
     """initial dream states: random (Eq. 2) or posterior states of collected data (Figure 3); Offline: no dreams"""
     burn_in: int = 25
-    """steps filtered only to warm up (h, z) before a real state is used by night: collected initial states
-    and the Offline night's sequences start past this many real steps (not in the paper; = L, so the states
-    carry at least the memory of those the world model learned from)"""
-    eval_train_levels: bool = True
-    """also evaluate on the N training levels every epoch, in the same batch as the test episodes
-    (charts/train_levels_return, the generalization gap; not in the paper); --no-eval-train-levels saves that"""
-    eval_overlap: bool = True
-    """run each epoch's evaluation in a background thread, on a copy of the weights, while the next epoch trains
-    (not in the paper: the same returns, logged at the epoch they belong to); --no-eval-overlap waits for it"""
-    dream_images_every: int = 10
-    """log images every this many epochs: by night decoded dream states before and after their transformation
-    (Figure 2, for one's own runs; not in the Offline script), by day the open-loop prediction; 0 never"""
-    final_episodes: int = 500
-    """the final evaluation at the end of each phase: this many test and as many training-level episodes on levels
-    drawn from the seed alone, the same for a day and its nights (final/*, not in the paper); 0 skips it"""
+    """steps filtered only to warm up (h, z) before a real state is used by night (collected initial states, the
+    Offline night's sequences; not in the paper, = L)"""
 
     # Networks (Table 1)
-    categoricals: int = 32
+    categoricals: DayFixed[int] = 32
     """C: categorical latents"""
-    classes: int = 32
+    classes: DayFixed[int] = 32
     """J: classes per categorical"""
-    rnn_units: int = 512
+    rnn_units: DayFixed[int] = 512
     """RNN hidden units (size of h)"""
-    cnn_depth: int = 32
+    cnn_depth: DayFixed[int] = 32
     """convolution filters [d, 2d, 4d, 8d] = [32, 64, 128, 256] for d = 32"""
-    mlp_units: int = 512
+    mlp_units: DayFixed[int] = 512
     """linear units"""
-    mlp_layers: int = 2
+    mlp_layers: DayFixed[int] = 2
     """MLP layers"""
-    bins: int = 255
+    bins: DayFixed[int] = 255
     """K: reward/return bins, 2 or more"""
-    bins_extreme: float = 20.0
+    bins_extreme: DayFixed[float] = 20.0
     """bins extremes -20, +20 (in symlog space)"""
     unimix: float = 0.01
     """uniform share of the categorical latents (DreamerV3), in [0, 1)"""
@@ -199,93 +160,6 @@ class Args:
     valdiv_init_noise: float = 0.01
     """std of the Gaussian noise on h_inp where the ascent of Eq. 5 starts (not in the paper): at the
     input state itself the gradient of (v - v_inp)^2 is exactly zero and no state would move"""
-
-
-# %% checks
-POSITIVE_FLAGS = ("num_levels", "num_envs", "test_repetitions", "seed_episodes", "day_epochs", "wm_updates",
-                  "day_steps", "wm_batch_size", "seq_len", "agent_updates", "agent_batch_size", "horizon",
-                  "categoricals", "classes", "rnn_units", "cnn_depth", "mlp_units", "mlp_layers", "bins",
-                  "update_epochs")
-# The interval each real-valued flag must lie in (NaN lies in none); a flag left at None takes its game's value.
-INTERVALS = dict(penalty="(-inf, 0]", reward_scale="(0, inf)", reward_seq_fraction="[0, 1]", unimix="[0, 1)",
-                 bins_extreme="(0, inf)", free_nats="[0, inf)", beta_dyn="[0, inf)", beta_rep="[0, inf)",
-                 wm_grad_clip="(0, inf)", day_lr="(0, inf)", night_lr="(0, inf)", day_gamma="(0, 1]",
-                 gae_lambda="[0, 1]", clip_coef="(0, 1)", vf_coef="[0, inf)", ent_coef="[0, inf)",
-                 max_grad_norm="(0, inf)", return_scale_decay="[0, 1)")
-# The fields that fix the shape of a day checkpoint: a night can only start from a day that agrees on them.
-DAY_FIELDS = ("env_id", "num_envs", "categoricals", "classes", "rnn_units", "cnn_depth", "mlp_units",
-              "mlp_layers", "bins", "bins_extreme")
-
-
-def fail(flag, message):
-    raise SystemExit(f"error: {flag}: {message}")
-
-
-def in_interval(x, interval):
-    """Whether x lies in an interval written as "[0, 1)", "(0, inf)", ..."""
-    low, high = (float(bound) for bound in interval[1:-1].split(", "))
-    return (low <= x if interval[0] == "[" else low < x) and (x <= high if interval[-1] == "]" else x < high)
-
-
-def wandb_can_log():
-    """Whether wandb can start without asking for a key, found without the network: WANDB_API_KEY, an offline
-    or disabled WANDB_MODE, or the netrc entry for api.wandb.ai that `wandb login` writes."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
-        return True
-    try:
-        return netrc.netrc(os.environ.get("NETRC") or os.path.expanduser("~/.netrc")).authenticators("api.wandb.ai") \
-            is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def check_args(args):
-    """Refuse bad input before any work starts, naming the flag and what is allowed."""
-    if args.env_id not in PROCGEN_GAMES:
-        fail("--env-id", f"unknown game {args.env_id!r}; the ProcGen games are {', '.join(PROCGEN_GAMES)}")
-    for name in POSITIVE_FLAGS:
-        if getattr(args, name) <= 0:
-            fail("--" + name.replace("_", "-"), f"must be a positive integer, got {getattr(args, name)}")
-    for name in ("night_epochs", "dream_images_every", "burn_in", "checkpoint_every", "final_episodes"):
-        if getattr(args, name) < 0:
-            fail("--" + name.replace("_", "-"), f"must be 0 or more, got {getattr(args, name)}")
-    for name, interval in INTERVALS.items():
-        if getattr(args, name) is not None and not in_interval(getattr(args, name), interval):
-            fail("--" + name.replace("_", "-"), f"must lie in {interval}, got {getattr(args, name)}")
-    if not 0 <= args.seed < 2**31:
-        fail("--seed", f"must lie in [0, 2^31) (ProcGen's seeds), got {args.seed}")
-    if args.bins < 2:
-        fail("--bins", f"must be 2 or more (a two-hot target spreads over two neighbouring bins), got {args.bins}")
-    if args.seq_len < 2:
-        fail("--seq-len", f"must be 2 or more (a sequence needs a transition), got {args.seq_len}")
-    if args.day_steps % args.num_envs:
-        fail("--day-steps", f"must be a multiple of --num-envs ({args.num_envs}), got {args.day_steps}")
-    # Each environment adds T_d / N steps per day epoch: the replay holds a sequence of L steps only once every
-    # environment has played L steps, and before the first epoch it holds just the seed episodes.
-    if args.seq_len > args.day_steps // args.num_envs:
-        fail("--seq-len", f"must be at most --day-steps / --num-envs = {args.day_steps // args.num_envs} (the steps "
-                          f"each environment adds in a day epoch), got {args.seq_len}: a longer sequence would first "
-                          f"take {args.seq_len} random steps in each environment before any learning")
-    if args.wm_batch_size * args.seq_len > args.day_steps:
-        fail("--wm-batch-size", f"a world batch of --wm-batch-size x --seq-len = {args.wm_batch_size} x {args.seq_len} "
-                                f"= {args.wm_batch_size * args.seq_len} frames must fit in the {args.day_steps} real "
-                                f"frames of a day epoch (--day-steps): the first epoch's updates draw from the seed "
-                                f"episodes alone, so a larger batch draws the same frames over and over; lower "
-                                f"--wm-batch-size or --seq-len, or raise --day-steps")
-    if args.init_states not in ("random", "collected"):
-        fail("--init-states", f"must be 'random' or 'collected', got {args.init_states!r}")
-    if args.day_checkpoint is not None and not os.path.isfile(args.day_checkpoint):
-        fail("--day-checkpoint", f"no file at {args.day_checkpoint!r}")
-    if args.resume and args.run_dir is None:
-        fail("--resume", "needs --run-dir, the directory of the run to continue (a new run's default name is new)")
-    if args.day_checkpoint is not None and args.save_day:
-        fail("--save-day", f"there is no day to save: the night starts from --day-checkpoint {args.day_checkpoint}")
-    if args.track and importlib.util.find_spec("wandb") is None:
-        fail("--track", 'needs wandb, which is not installed: pip install -e ".[wandb]"')
-    if args.track and not wandb_can_log():
-        fail("--track", "found no Weights & Biases key: run `wandb login` (or set WANDB_API_KEY), or log locally "
-                        "with WANDB_MODE=offline")
-    check_transformation_args(args)
 
 
 # %% environment
@@ -345,9 +219,8 @@ def latent_probs(logits, unimix):
 
 
 def draw(probs, generator=None):
-    """One class per row of probabilities [..., K] (from `generator`, or torch's global one): torch.multinomial's
-    draw of one sample, the argmax of probs / E with E ~ Exp(1) (the same numbers from the same generator), without
-    its checks of the probabilities, which read them back (on a GPU, a wait at every step: pytorch/pytorch#108968)."""
+    """One class per row of probabilities [..., K]: torch.multinomial's draw (argmax of probs / E, E ~ Exp(1)),
+    without its checks, which read the probabilities back (a GPU wait at every step: pytorch/pytorch#108968)."""
     probs = probs.detach()
     return (probs / torch.empty_like(probs, memory_format=torch.contiguous_format).exponential_(
         generator=generator)).argmax(-1)
@@ -466,9 +339,8 @@ class ConvDecoder(nn.Module):
 
 
 class LayerNormGRUCell(nn.Module):
-    """DreamerV3's GRU cell (Table 1's layer normalization): one linear map of (x, h) without bias, LayerNorm,
-    then reset r, candidate and update u gates, the update gate's bias at -1 (so h changes slowly at first):
-    h' = u * tanh(r * candidate) + (1 - u) * h."""
+    """DreamerV3's GRU cell (Table 1's layer normalization): h' = u * tanh(r * candidate) + (1 - u) * h, the
+    gates from LayerNorm(W [x, h]), the update gate's bias at -1 (h changes slowly at first)."""
 
     def __init__(self, input_size, hidden_size):
         super().__init__()
@@ -533,12 +405,9 @@ class WorldModel(nn.Module):
         return h, z
 
     def observe(self, obs, actions, conts, is_first, image=None, generator=None):
-        """Posterior states of B sequences of T steps laid out as in Algorithm 1: step t holds o_t, a_t,
-        r_{t+1}, c_{t+1}. Returns, per step, h and z, the posterior and prior probabilities, and the
-        transition features (h_t, z_t) for t >= 1 that the reward and continue heads learn r_t and c_t
-        from. ProcGen resets by itself, so after an episode ends (c_t = 0) the frame o_t belongs to the
-        next level: there z_t comes from the prior, as in a dream, and only then h is reset. `image` is
-        preprocess(obs) when the caller has it already; the samples come from `generator` (or torch's global one)."""
+        """Posterior states of B sequences of T steps (step t holds o_t, a_t, r_{t+1}, c_{t+1}): per step h, z, the
+        posterior and prior probabilities, and the features (h_t, z_t), t >= 1, the heads learn r_t and c_t from. After
+        an episode ends ProcGen shows the next level's frame: there z_t comes from the prior, as in a dream."""
         B, T = actions.shape
         embed = self.encoder.embed(preprocess(obs) if image is None else image)
         first = is_first.clone()
@@ -592,9 +461,8 @@ class WorldModel(nn.Module):
 
 # %% dataset
 class ReplayDataset:
-    """The real experience D: one contiguous stream per environment, step t holding (o_t, a_t, r_{t+1},
-    c_{t+1}) as in Algorithm 1, plus is_first_t and the behaviour policy's log-probability of a_t.
-    Rewards are shaped (penalty, scale). Frames stay uint8 until they go into the network."""
+    """The real experience D: one stream per environment, step t holding (o_t, a_t, r_{t+1}, c_{t+1}) as in
+    Algorithm 1 (rewards shaped), is_first_t and the behaviour policy's log-probability of a_t; frames as uint8."""
 
     KEYS = ("obs", "actions", "rewards", "conts", "is_first", "logprobs")
 
@@ -685,9 +553,8 @@ class Agent(nn.Module):
         return twohot_decode(self.critic(s), self.bins)
 
     def get_action_and_value(self, s, action=None):
-        """a ~ pi(. | s) (or the given `action`), log pi(a | s), the policy's entropy, the critic's logits and v(s):
-        torch.distributions.Categorical's numbers, written out (its checks of its arguments read them back: on a GPU,
-        two waits per call)."""
+        """a ~ pi(. | s) (or `action`), log pi(a | s), the entropy, the critic's logits and v(s): Categorical's numbers
+        written out, without its checks (which read them back: two GPU waits per call)."""
         logits = self.actor(s).float()
         logits = logits - logits.logsumexp(-1, keepdim=True)  # log pi(. | s)
         probs = logits.softmax(-1)
@@ -711,10 +578,8 @@ def state_features(h, z):
 
 
 def gae(rewards, values, next_values, discounts, lam, cuts=None):
-    """Eq. 9 over time-first tensors [T, N]: delta_t = r_{t+1} + d_t v(s_{t+1}) - v(s_t) and
-    A_t = delta_t + lambda d_t A_{t+1}, where d_t is gamma times the continuation after step t. Where
-    cuts[t] is set, step t + 1 starts a new segment (a transformed dream state): step t bootstraps from
-    next_values[t] (the value of the state before the transformation) and takes nothing of A_{t+1}."""
+    """Eq. 9 over time-first tensors [T, N], d_t = gamma c_{t+1}: A_t = delta_t + lambda d_t A_{t+1}. Where cuts[t]
+    is set (a transformed state follows), step t bootstraps from next_values[t] and takes nothing of A_{t+1}."""
     advantages = torch.zeros_like(rewards)
     last = torch.zeros_like(rewards[0])
     for t in reversed(range(len(rewards))):
@@ -727,9 +592,8 @@ def gae(rewards, values, next_values, discounts, lam, cuts=None):
 
 
 def stack_trajectory(steps, last_value):
-    """Lists of per-step tensors to time-first float32 tensors [T, N, ...], with next_values[t] = v(s_{t+1})
-    (the last one from `last_value`, the value of the state after the final step), taken from the per-step
-    `bootstrap_values` instead of `values` when the steps have them (a dream's untransformed states)."""
+    """Per-step lists to time-first float32 tensors [T, N, ...], with next_values[t] = v(s_{t+1}) (the last from
+    `last_value`; from `bootstrap_values`, a dream's untransformed states, when there are)."""
     traj = {k: torch.stack(v) for k, v in steps.items()}
     traj = {k: v.float() if v.is_floating_point() else v for k, v in traj.items()}
     traj["next_values"] = torch.cat([traj.pop("bootstrap_values", traj["values"])[1:], last_value[None].float()])
@@ -737,9 +601,8 @@ def stack_trajectory(steps, last_value):
 
 
 class ReturnScale:
-    """P of Section 4.2 (DreamerV3): an EMA of the 5th-95th percentile range of the return targets,
-    updated on every minibatch (DreamerV3 updates it every training batch); advantages are divided by
-    max(1, P)."""
+    """P of Section 4.2 (DreamerV3): an EMA of the 5th-95th percentile range of the return targets, updated every
+    minibatch; advantages are divided by max(1, P)."""
 
     def __init__(self, decay):
         self.decay, self.value = decay, 0.0
@@ -759,11 +622,8 @@ def ppo_objective(logprob, mb, advantages, args):
 
 
 def ppo_update(agent, optimizer, return_scale, batch, num_minibatches, args, device, objective=ppo_objective):
-    """PPO (Eqs. 6-8) for `update_epochs` iterations over `num_minibatches` minibatches of the flat
-    `batch` (states, actions, logprobs of pi_old, advantages, targets, weights): each minibatch's advantages
-    are divided by max(1, P), the policy term is `objective` (Eq. 7 unless another is given), and each
-    sample's loss is weighted. A minibatch with a non-finite loss term ends the update before its step, and its
-    terms are returned instead of the means (for `check_finite`)."""
+    """PPO (Eqs. 6-8): `update_epochs` passes over `num_minibatches` minibatches of the flat `batch`, advantages
+    divided by max(1, P), each sample's loss weighted; a non-finite loss returns its terms before its step."""
     names = ("loss", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac")
     stats, scales = [], []
     for _ in range(args.update_epochs):
@@ -813,28 +673,24 @@ def random_initial_states(wm, n):
 
 
 def collected_initial_states(wm, dataset, n, args):
-    """Posterior states of real data (the common practice; Figure 3), as DreamerV3 starts imagination: one from each
-    of n uniformly drawn sequences of burn_in + 1 steps (no reward prioritisation, which would start dreams just
-    after a rewarded episode end), filtered to warm up (h, z); the state at position burn_in starts a dream."""
+    """Posterior states of real data (Figure 3), as DreamerV3 starts imagination: the last of n uniformly drawn
+    windows of burn_in + 1 steps (no reward prioritisation), filtered to warm up (h, z)."""
     batch = to_torch(dataset.sample(n, args.burn_in + 1, 0.0), wm.bins.device)
     hs, zs, *_ = wm.observe(batch["obs"], batch["actions"], batch["conts"], batch["is_first"])
     return hs[:, -1], zs[:, -1]
 
 
-def imagine(wm, agent, h, z, horizon, args):
-    """Dream `horizon` steps from states (h, z) with the actor and the frozen world model: each state may
-    first be transformed (`transform`), then a_t ~ pi(s_t), h_{t+1} = f(h_t, z_t, a_t), z_{t+1} ~ p(z | h_{t+1}),
-    and the heads predict r_{t+1} and c_{t+1}. Returns time-first tensors and dream statistics (with the seconds
-    spent in `transform`)."""
+def imagine(wm, agent, h, z, horizon, args, clock=None):
+    """Dream `horizon` steps from (h, z) with the frozen world model: transform, a_t ~ pi(s_t),
+    h_{t+1} = f(h_t, z_t, a_t), z_{t+1} ~ p(z | h_{t+1}), r_{t+1} and c_{t+1} from the heads (time-first tensors)."""
     keys = ("states", "actions", "logprobs", "values", "bootstrap_values", "rewards", "conts", "changed")
     traj = {k: [] for k in keys}
     moves = {k: [] for k in ("value_move", "h_move", "z_flip_frac")}
-    transform_seconds = 0.0
+    clock = clock or Stopwatch()
     for _ in range(horizon):
         h_in, z_in = h, z
-        start = time.time()
-        h, z, changed = transform(h, z, wm, agent, args)
-        transform_seconds += time.time() - start
+        with clock.part("transformation"):
+            h, z, changed = transform(h, z, wm, agent, args)
         s = state_features(h, z)
         with torch.no_grad(), autocast(h.device, args):
             action, logprob, _, _, value = agent.get_action_and_value(s)
@@ -861,8 +717,7 @@ def imagine(wm, agent, h, z, horizon, args):
     stats = dict(return_mean=(traj["weights"] * traj["rewards"]).sum(0).mean().item(),
                  reward_mean=traj["rewards"].mean().item(), cont_mean=traj["conts"].mean().item(),
                  value_mean=traj["values"].mean().item(), transformed_frac=changed.float().mean().item(),
-                 **{k: torch.cat(v).mean().item() if v else 0.0 for k, v in moves.items()},
-                 transform_seconds=transform_seconds)
+                 **{k: torch.cat(v).mean().item() if v else 0.0 for k, v in moves.items()})
     return traj, stats
 
 
@@ -881,26 +736,14 @@ def log_dream_images(wm, agent, states, args, writer, step, n=4):
 
 # %% transformation
 def check_transformation_args(args):
-    check_valdiv_args(args)
-
-
-def check_valdiv_args(args):
-    if args.valdiv_steps <= 0:
-        fail("--valdiv-steps", f"must be a positive integer, got {args.valdiv_steps}")
-    if not args.valdiv_lr > 0:
-        fail("--valdiv-lr", f"must be a positive step size, got {args.valdiv_lr}")
-    if not args.valdiv_init_noise > 0:
-        fail("--valdiv-init-noise", f"must be positive (at 0 the gradient of Eq. 5 is exactly zero and no state "
-                                    f"moves), got {args.valdiv_init_noise}")
+    check_rules(args, dict(valdiv_steps="[1, inf)", valdiv_lr="(0, inf)",
+                           valdiv_init_noise="(0, inf); at zero the gradient of Eq. 5 is zero and no state moves"))
 
 
 def value_diversification(h, z, wm, agent, args):
-    """Value diversification (Eq. 5): `valdiv_steps` steps of gradient ascent of size `valdiv_lr` on (h, z) of
-    (v(h, z) - v(h_inp, z_inp))^2. Its gradient is exactly zero at (h_inp, z_inp), so the ascent starts from
-    h_inp + N(0, valdiv_init_noise^2 I). The critic always sees a one-hot z (Section 4.1): a continuous copy
-    of z accumulates the ascent, is projected to one-hot (argmax per categorical) at each step, and takes
-    the gradient at the projection (straight-through), so small steps add up until a class flips.
-    Gradients reach only the state: the agent's parameters keep no .grad."""
+    """Value diversification (Eq. 5): `valdiv_steps` ascent steps of size `valdiv_lr` on (h, z) of (v(h, z) -
+    v(h_inp, z_inp))^2, from h_inp + N(0, valdiv_init_noise^2) (at h_inp the gradient is zero). The critic sees a one-hot
+    z: a continuous copy accumulates the ascent, straight-through at its projection. Only the state gets gradients."""
     h_inp, z_inp = h.detach().float(), z.detach().float()
     v_inp = agent.value(torch.cat([h_inp, z_inp.flatten(1)], -1)).detach()
     h, z_relaxed = h_inp + args.valdiv_init_noise * torch.randn_like(h_inp), z_inp
@@ -940,16 +783,10 @@ def transform(h, z, wm, agent, args, force=False):
 # %% evaluation
 @torch.no_grad()
 def evaluate(wm, agent, args, step, device, episodes=None):
-    """The returns logged after every epoch: test_return, the mean game score of the current policy (acting on
-    posterior states with sampled actions) over num_envs x test_repetitions episodes on the full level distribution
-    (Table 2: 5 x 5; the curve of Figures 3-5) and, with --eval-train-levels, train_levels_return, the same on the N
-    training levels. Each is the first episode of each of that many fresh environments, all played side by side in
-    one batch (the same statistic as 5 episodes in a row in each of 5 environments, without the wait). ProcGen
-    ignores resets, so every evaluation makes fresh environments, their levels drawn from the seed and the step: no
-    episode is counted half-played. Its random numbers (latent samples, actions) come from a generator of its own
-    seeded the same way: the returns do not depend on when it runs, and training's random numbers on whether it
-    ran (`Evaluator`). With `episodes` (the final evaluation, step -1), that many of each, and each mean's standard
-    error as {name}_se. A policy whose action probabilities are not finite stops the run instead of being scored."""
+    """test_return, the mean score of the policy (on posterior states, sampled actions) over the first episode of
+    num_envs x test_repetitions fresh environments on the full level distribution (Table 2; Figures 3-5), played in one
+    batch, and train_levels_return on the N training levels; levels and random numbers from (seed, step) alone, so the
+    returns do not depend on when it runs. `episodes` (step -1): the final evaluation, with standard errors {name}_se."""
     n = episodes or args.num_envs * args.test_repetitions
     seed = (args.seed * 1_000_003 + step) % 2**31
     levels = dict(test_return=0, **(dict(train_levels_return=args.num_levels) if args.eval_train_levels else {}))
@@ -994,10 +831,647 @@ def evaluate(wm, agent, args, step, device, episodes=None):
     return returns
 
 
+# %% day
+@dataclass
+class DayState:
+    """Where a day stands after an epoch, what a resumed day goes on from: the frames shown (`envs_state`:
+    ProcGen's own), the agent's state (h, z), each episode's score so far, the epoch, its step and test return."""
+    obs: np.ndarray
+    is_first: np.ndarray
+    score: np.ndarray
+    h: torch.Tensor
+    z: torch.Tensor
+    envs_state: Any = None
+    epoch: int = 0
+    step: int = 0
+    test_return: Optional[float] = None
+
+
+def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device, checkpoint=None,
+        state=None):
+    """Algorithm 1 by day: S random seed episodes, then E_d epochs of U_w world-model updates, T_d real steps acting
+    on posterior states, PPO on them, an evaluation and `checkpoint`. Resumed: the epochs after `state`'s."""
+    penalty, scale = reward_shaping(args)
+    n = args.num_envs
+    s = state or play_seed_episodes(args, wm, dataset, envs, device)
+    if s.envs_state is not None:
+        envs.env.set_state(s.envs_state)
+    s.h, s.z = s.h.to(device), s.z.to(device)
+    evaluation = Evaluator(wm, agent, args, device, log, s.test_return)
+    for s.epoch in range(s.epoch + 1, args.day_epochs + 1):
+        clock = Stopwatch("world_model", "acting", "ppo", "evaluation", "diagnostics")
+        # The model's predictions on the steps it has not trained on yet: the last epoch's (the first: the seed's).
+        open_loop(wm, dataset, dataset.size - args.day_steps // n if s.epoch > 1 else 0, args, device, log, s.step,
+                  s.epoch)
+        clock.lap("diagnostics")
+        wm_stats = []
+        for _ in range(args.wm_updates):
+            batch = to_torch(dataset.sample(args.wm_batch_size, args.seq_len, args.reward_seq_fraction), device)
+            with autocast(device, args):
+                loss, metrics, _ = wm.loss(batch, args)
+            check_finite(metrics, "world-model", "day", s.epoch)  # before its step spoils the model
+            wm_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(wm.parameters(), args.wm_grad_clip)
+            wm_optimizer.step()
+            wm_stats.append(metrics)
+        wm_means = {k: float(np.mean([m[k] for m in wm_stats])) for k in wm_stats[0]}
+        clock.lap("world_model")
+        keys = ("states", "actions", "logprobs", "values", "rewards", "conts")
+        traj, finished = {k: [] for k in keys}, []
+        for _ in range(args.day_steps // n):
+            states = state_features(s.h, s.z)
+            with torch.no_grad(), autocast(device, args):
+                action, logprob, _, _, value = agent.get_action_and_value(states)
+            action_np = action.cpu().numpy()
+            next_obs, reward, done, _ = envs.step(action_np)
+            shaped = shape_reward(reward, done, penalty, scale)
+            dataset.add(obs=s.obs, actions=action_np, rewards=shaped, conts=1.0 - done, is_first=s.is_first,
+                        logprobs=logprob.float().cpu().numpy())
+            s.score += reward
+            finished += list(s.score[done])
+            s.score[done] = 0.0
+            s.obs, s.is_first = next_obs["rgb"], done
+            with torch.no_grad(), autocast(device, args):
+                s.h, s.z = wm.filter_step(s.h, s.z, action, torch.as_tensor(s.obs, device=device),
+                                          torch.as_tensor(done, device=device))
+            for key, x in zip(keys, (states, action, logprob, value, torch.as_tensor(shaped, device=device),
+                                     torch.as_tensor(1.0 - done, device=device))):
+                traj[key].append(x)
+        with torch.no_grad(), autocast(device, args):
+            traj = stack_trajectory(traj, agent.value(state_features(s.h, s.z)))
+        traj["weights"] = torch.ones_like(traj["rewards"])
+        clock.lap("acting")
+        stats = train_agent(agent, agent_optimizer, return_scale, traj, args.day_gamma, args, device)
+        check_finite(stats, "agent", "day", s.epoch)
+        s.step += args.day_steps
+        clock.lap("ppo")
+        sps = args.day_steps / (clock.parts["acting"] + clock.parts["ppo"])
+        log.scalars("world_model", wm_means, s.step)
+        log.scalars("losses", stats, s.step)
+        log.scalars("charts", dict(SPS=sps, wm_update_seconds=clock.parts["world_model"] / args.wm_updates), s.step)
+        if finished:
+            log.scalars("charts", dict(train_return=float(np.mean(finished))), s.step)
+        train = f"{np.mean(finished):.2f}" if finished else "-"
+        evaluation.start(wm, agent, "day", s.epoch, args.day_epochs, s.step,
+                         f"train {train} wm_loss {wm_means['loss']:.1f} SPS {sps:.0f}")
+        clock.lap("evaluation")
+        log.times("day", clock.parts, s.step)
+        if s.epoch == args.day_epochs:
+            evaluation.finish()
+            final_evaluation(wm, agent, args, device, log, "day", s.step)
+        if checkpoint is not None:
+            checkpoint("day", s.epoch, args.day_epochs, s.step, evaluation.finish, loop=lambda: dict(
+                envs_state=envs.env.get_state(), obs=s.obs, is_first=s.is_first, score=s.score, h=s.h.cpu(),
+                z=s.z.cpu()))
+    return dict(step=s.step, test_return=evaluation.finish())
+
+
+def play_seed_episodes(args, wm, dataset, envs, device):
+    """S episodes of random actions (at least L steps) into D, and the agent's state s_t of the frame then shown:
+    from here on each real frame is filtered once."""
+    penalty, scale = reward_shaping(args)
+    n, num_actions = args.num_envs, envs.action_space.n
+    obs, is_first = envs.reset()["rgb"], np.ones(n, bool)
+    score, seed_steps, episodes = np.zeros(n), 0, 0
+    while episodes < args.seed_episodes or dataset.size < args.seq_len:
+        action = np.random.randint(num_actions, size=n)
+        next_obs, reward, done, _ = envs.step(action)
+        dataset.add(obs=obs, actions=action, rewards=shape_reward(reward, done, penalty, scale), conts=1.0 - done,
+                    is_first=is_first, logprobs=np.full(n, -math.log(num_actions)))
+        score += reward
+        score[done] = 0.0
+        obs, is_first, seed_steps, episodes = next_obs["rgb"], done, seed_steps + n, episodes + done.sum()
+    with torch.no_grad(), autocast(device, args):
+        h, z = wm.filter_step(wm.initial(n), torch.zeros(n, wm.C, wm.J, device=device),
+                              torch.zeros(n, dtype=torch.long, device=device), torch.as_tensor(obs, device=device),
+                              torch.ones(n, dtype=torch.bool, device=device))
+    # The x-axis counts the real steps of the day epochs (E_d T_d = 1M at the paper's size), not the seed episodes'.
+    print(f"{seed_steps:,} real steps of {episodes} seed episodes (random actions), not counted on the x-axis",
+          flush=True)
+    return DayState(obs, is_first, score, h, z)
+
+# %% night
+def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, step, checkpoint=None, epoch=0):
+    """Algorithm 1 by night: E_n epochs of B_a U_a dreams of H steps from the frozen world model, PPO on them
+    (gamma = 1 - 1/H), an evaluation and `checkpoint`. Resumed: the epochs after `epoch`."""
+    wm.requires_grad_(False)
+    if epoch == 0:  # a resumed night keeps the learning rates restored with its optimizer
+        for group in agent_optimizer.param_groups:
+            group["lr"] = args.night_lr
+    n = args.agent_batch_size * args.agent_updates
+    evaluation = Evaluator(wm, agent, args, device, log)
+    for epoch in range(epoch + 1, args.night_epochs + 1):
+        clock = Stopwatch("dreaming", "transformation", "ppo", "evaluation")
+        with torch.no_grad(), autocast(device, args):
+            if args.init_states == "random":
+                h, z = random_initial_states(wm, n)
+            else:
+                h, z = collected_initial_states(wm, dataset, n, args)
+        traj, dream_stats = imagine(wm, agent, h.float(), z.float(), args.horizon, args, clock)
+        clock.lap("dreaming")
+        stats = train_agent(agent, agent_optimizer, return_scale, traj, 1 - 1 / args.horizon, args, device)
+        check_finite(stats, "agent", "night", epoch)
+        step += n * args.horizon
+        clock.lap("ppo")
+        sps = n * args.horizon / sum(clock.parts.values())
+        log.scalars("losses", stats, step)
+        log.scalars("dream", dream_stats, step)
+        if args.dream_images_every and (epoch - 1) % args.dream_images_every == 0:
+            log_dream_images(wm, agent, traj["states"].flatten(0, 1), args, log.writer, step)
+        log.scalars("charts", dict(SPS=sps), step)
+        evaluation.start(wm, agent, "night", epoch, args.night_epochs, step,
+                         f"dream return {dream_stats['return_mean']:.2f} SPS {sps:.0f}")
+        clock.lap("evaluation")
+        log.times("night", clock.parts, step)
+        if epoch == args.night_epochs:
+            evaluation.finish()
+            final_evaluation(wm, agent, args, device, log, "night", step)
+        if checkpoint is not None:
+            checkpoint("night", epoch, args.night_epochs, step, evaluation.finish)
+    evaluation.finish()
+    return step
+
+
+def needs_replay(args):
+    """Whether this night learns from the day's real data (replay/): only from collected initial states."""
+    return args.init_states == "collected"
+
+# %% run flags
+# ===== The harness: run flags, checks, checkpoints and resume, logging, evaluation thread, diagnostics, main =====
+Resumable = Annotated[T, "resumable"]  # a run flag a resumed run may change: how it runs, not what it computes
+
+
+@dataclass
+class Args(Hyperparameters):
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (the script's name)"""
+    seed: int = 1
+    """seed of the experiment, in [0, 2^31)"""
+    torch_deterministic: bool = True
+    """`torch.backends.cudnn.deterministic`"""
+    cuda: Resumable[bool] = True
+    """use CUDA when there is a GPU; CPU otherwise"""
+    bf16: Resumable[bool] = True
+    """the paper's mixed precision: bf16 autocast where the device computes bf16 natively (CUDA, a CPU with
+    AVX512-BF16 or AMX), fp32 elsewhere; --no-bf16: fp32 everywhere"""
+    track: Resumable[bool] = False
+    """mirror TensorBoard to Weights & Biases (`pip install -e ".[wandb]"`; `wandb login` or WANDB_MODE=offline)"""
+    wandb_project_name: Resumable[str] = "dreamer-ppo"
+    """the Weights & Biases project"""
+    wandb_entity: Resumable[Optional[str]] = None
+    """the Weights & Biases entity (team)"""
+    run_dir: Resumable[Optional[str]] = None
+    """where the run writes (TensorBoard events, checkpoints, the real data); default
+    runs/{env_id}__{exp_name}[_collected][_night]__{seed}__{time}, made unique. A directory that already holds
+    a run's events (unless --resume), or that a running run is using, is refused"""
+    resume: Resumable[bool] = False
+    """continue the run of --run-dir from its last checkpoint (start it when it has none): the same command with
+    --resume added; the epochs after that checkpoint are redone (not in the paper)"""
+    checkpoint_every: Resumable[int] = 10
+    """write {run_dir}/checkpoint.pt (the one before kept as checkpoint.prev.pt) every this many epochs, at the end
+    of the day and of the night, and on SIGTERM or SIGUSR1 (then exit 75); 0: only at those ends (not in the paper)"""
+    save_day: bool = False
+    """write the state at the end of the day to {run_dir}/day.pt (models, optimizers, RNG) and keep the real data
+    in {run_dir}/replay/ (12.3 GB at the paper's size; a run without --save-day deletes it at its end), for
+    nights started with --day-checkpoint; not with --day-checkpoint (no day is run)"""
+    day_checkpoint: Optional[str] = None
+    """start from a day checkpoint written by any dreamer_ppo*.py script and run only the night"""
+    eval_train_levels: bool = True
+    """also evaluate on the N training levels every epoch, in the same batch as the test episodes
+    (charts/train_levels_return, the generalization gap; not in the paper); --no-eval-train-levels saves that"""
+    eval_overlap: Resumable[bool] = True
+    """run each epoch's evaluation in a background thread, on a copy of the weights, while the next epoch trains
+    (not in the paper: the same returns, logged at the epoch they belong to); --no-eval-overlap waits for it"""
+    dream_images_every: int = 10
+    """log images every this many epochs: by night decoded dream states before and after their transformation
+    (Figure 2, for one's own runs; not in the Offline script), by day the open-loop prediction; 0 never"""
+    final_episodes: Resumable[int] = 500
+    """the final evaluation at the end of each phase: this many test and as many training-level episodes on levels
+    drawn from the seed alone, the same for a day and its nights (final/*, not in the paper); 0 skips it"""
+
+
+def marked(cls, mark):
+    """The names of the fields of `cls` whose type carries `mark` (DayFixed, Resumable)."""
+    return [f.name for f in fields(cls) if mark in getattr(f.type, "__metadata__", ())]
+
+# %% checks
+# The values each flag may take: an interval (NaN lies in none), then "; why" when it is not plain.
+RULES = {
+    **dict.fromkeys(("num_levels", "num_envs", "test_repetitions", "seed_episodes", "day_epochs", "wm_updates",
+                     "day_steps", "wm_batch_size", "agent_updates", "agent_batch_size", "horizon", "categoricals",
+                     "classes", "rnn_units", "cnn_depth", "mlp_units", "mlp_layers", "update_epochs"), "[1, inf)"),
+    **dict.fromkeys(("night_epochs", "dream_images_every", "burn_in", "checkpoint_every", "final_episodes",
+                     "free_nats", "beta_dyn", "beta_rep", "vf_coef", "ent_coef"), "[0, inf)"),
+    **dict.fromkeys(("reward_scale", "bins_extreme", "wm_grad_clip", "day_lr", "night_lr", "max_grad_norm"),
+                    "(0, inf)"),
+    "seed": "[0, 2^31); ProcGen's seeds", "bins": "[2, inf); a two-hot target spreads over two neighbouring bins",
+    "seq_len": "[2, inf); a sequence needs a transition", "penalty": "(-inf, 0]", "reward_seq_fraction": "[0, 1]",
+    "unimix": "[0, 1)", "day_gamma": "(0, 1]", "gae_lambda": "[0, 1]", "clip_coef": "(0, 1)",
+    "return_scale_decay": "[0, 1)",
+}
+WORDS = {"[1, inf)": "a positive integer", "[0, inf)": "0 or more", "(0, inf)": "positive, in (0, inf)",
+         "[2, inf)": "2 or more"}
+
+
+def fail(flag, message):
+    raise SystemExit(f"error: {flag}: {message}")
+
+
+def check_rules(args, rules):
+    """Refuse a flag outside its rule (a flag left at None takes its game's value)."""
+    for name, rule in rules.items():
+        interval, *why = rule.split("; ")
+        low, high = (float(bound.replace("2^31", str(2**31))) for bound in interval[1:-1].split(", "))
+        x = getattr(args, name)
+        if x is not None and not ((low <= x if interval[0] == "[" else low < x)
+                                  and (x <= high if interval[-1] == "]" else x < high)):
+            fail("--" + name.replace("_", "-"), f"must be {WORDS.get(interval, 'in ' + interval)}"
+                                                f"{''.join(f' ({w})' for w in why)}, got {x}")
+
+
+def check_args(args):
+    """Refuse bad input before any work starts, naming the flag and what is allowed."""
+    for name, hint in typing.get_type_hints(type(args)).items():
+        if typing.get_origin(hint) is Literal and getattr(args, name) not in typing.get_args(hint):
+            fail("--" + name.replace("_", "-"), f"must be one of {', '.join(typing.get_args(hint))}, got "
+                                                f"{getattr(args, name)!r}")
+    check_rules(args, RULES)
+    per_env = args.day_steps // args.num_envs  # the steps each environment adds in a day epoch
+    if args.day_steps % args.num_envs:
+        fail("--day-steps", f"must be a multiple of --num-envs ({args.num_envs}), got {args.day_steps}")
+    if args.seq_len > per_env:
+        fail("--seq-len", f"must be at most --day-steps / --num-envs = {per_env} (else the first sequence waits for "
+                          f"{args.seq_len} random steps in each environment), got {args.seq_len}")
+    if args.wm_batch_size * args.seq_len > args.day_steps:
+        fail("--wm-batch-size", f"--wm-batch-size x --seq-len = {args.wm_batch_size * args.seq_len} frames must fit "
+                                f"in the {args.day_steps} of a day epoch (--day-steps); lower one or raise --day-steps")
+    if "/" in args.exp_name:
+        fail("--exp-name", f"names a run directory, so it cannot hold '/', got {args.exp_name!r}")
+    if args.day_checkpoint is not None and not os.path.isfile(args.day_checkpoint):
+        inside = os.path.join(args.day_checkpoint, "day.pt")
+        fail("--day-checkpoint", f"no file at {args.day_checkpoint!r}"
+                                 + (f"; did you mean {inside!r}?" if os.path.isfile(inside) else ""))
+    if args.resume and args.run_dir is None:
+        fail("--resume", "needs --run-dir, the directory of the run to continue (a new run's default name is new)")
+    if args.day_checkpoint is not None and args.save_day:
+        fail("--save-day", f"there is no day to save: the night starts from --day-checkpoint {args.day_checkpoint}")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        fail("--track", 'needs wandb, which is not installed: pip install -e ".[wandb]"')
+    if args.track and not wandb_can_log():
+        fail("--track", "found no Weights & Biases key: run `wandb login` (or set WANDB_API_KEY), or log locally "
+                        "with WANDB_MODE=offline")
+    check_transformation_args(args)
+
+
+def wandb_can_log():
+    """Whether wandb can start without asking for a key (no network): WANDB_API_KEY, an offline or disabled
+    WANDB_MODE, or the netrc entry for api.wandb.ai that `wandb login` writes."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return True
+    try:
+        return netrc.netrc(os.environ.get("NETRC") or os.path.expanduser("~/.netrc")).authenticators("api.wandb.ai") \
+            is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+# %% checkpoint
+CHECKPOINT_FORMAT = 2  # checkpoint.pt and day.pt as written here (format 1 held the real data in day_replay.pt)
+PREEMPTED = 75  # the exit status after SIGTERM or SIGUSR1 and its checkpoint: run the same command with --resume
+
+
+def atomic_save(obj, path, previous=None):
+    """torch.save to a temporary file, then a rename: a crash while writing leaves no broken file. The file it
+    replaces is kept as `previous` when given."""
+    try:
+        torch.save(obj, f"{path}.tmp")
+    except BaseException:  # Ctrl-C or a full disk: no half-written file is left behind
+        if os.path.exists(f"{path}.tmp"):
+            os.remove(f"{path}.tmp")
+        raise
+    if previous is not None and os.path.exists(path):
+        os.replace(path, previous)
+    os.replace(f"{path}.tmp", path)
+
+
+def replay_dir(run_dir):
+    """Where a run writes its real data D, one chunk file per day epoch (ReplayDataset.save_new_steps)."""
+    return os.path.join(run_dir, "replay")
+
+
+def replay_path(day_path):
+    """The real data of the day whose checkpoint is `day_path`, beside it."""
+    return replay_dir(os.path.dirname(os.path.abspath(day_path)))
+
+
+def forget_steps_after(directory, size):
+    """Delete the chunks of a replay directory from step `size` on: a resumed run writes them again."""
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        if int(name.split(".")[0]) >= size:
+            os.remove(os.path.join(directory, name))
+
+
+def run_state(wm, agent, wm_optimizer, agent_optimizer, return_scale, args, progress, loop=None):
+    """What a run needs to go on from the end of an epoch but the real data (on disk already): models, optimizers,
+    P, every RNG, the arguments, the progress (phase, epoch, step, test return, replay size), the day's `loop`."""
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    return dict(format=CHECKPOINT_FORMAT, world_model=wm.state_dict(), agent=agent.state_dict(),
+                wm_optimizer=wm_optimizer.state_dict(), agent_optimizer=agent_optimizer.state_dict(),
+                return_scale=return_scale.value, rng=rng, args=asdict(args), progress=progress, loop=loop)
+
+
+class Checkpoints:
+    """The run's checkpoints at epoch ends: checkpoint.pt every --checkpoint-every epochs, at the end of each phase
+    and after SIGTERM or SIGUSR1 (then exit PREEMPTED), the one before kept; replay/ by day; day.pt with --save-day."""
+
+    def __init__(self, run_dir, args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset):
+        self.run_dir, self.args, self.dataset = run_dir, args, dataset
+        self.objects = (wm, agent, wm_optimizer, agent_optimizer, return_scale)
+        self.latest = None  # "day epoch k/E_d" of the last checkpoint written by this process
+        self.signal, self.next_epoch = None, None  # the stop signal received; the epoch under way, in words
+
+    def __call__(self, phase, epoch, epochs, step, test_return, loop=lambda: None):
+        """The end of `phase` epoch `epoch` of `epochs`, at x-axis `step`; `test_return()` waits for its test return
+        (a checkpoint follows everything logged up to its step), `loop()` gives the day's acting state."""
+        self.next_epoch = epoch_after(self.args, phase, epoch)
+        if phase == "day":
+            self.dataset.save_new_steps(replay_dir(self.run_dir))
+        every = self.args.checkpoint_every
+        if not (epoch == epochs or (every and epoch % every == 0) or self.signal):
+            return
+        progress = dict(phase=phase, epoch=epoch, step=step, test_return=test_return(), replay_size=self.dataset.size)
+        state = run_state(*self.objects, self.args, progress, loop())
+        path = os.path.join(self.run_dir, "checkpoint.pt")
+        atomic_save(state, path, previous=os.path.join(self.run_dir, "checkpoint.prev.pt"))
+        self.latest = f"{phase} epoch {epoch}/{epochs}"
+        if phase == "day" and epoch == epochs and self.args.save_day:
+            atomic_save(state, os.path.join(self.run_dir, "day.pt"))
+            print(f"day checkpoint: {os.path.join(self.run_dir, 'day.pt')}", flush=True)
+        if self.signal:
+            print(f"{self.signal}: stopped after {phase} epoch {epoch}/{epochs} with its checkpoint; run the same "
+                  f"command with --resume to continue", file=sys.stderr, flush=True)
+            raise SystemExit(PREEMPTED)
+
+    def on_stop_signal(self, signum, frame):
+        """SIGTERM or SIGUSR1 (a preemption, scancel, a shutdown): checkpoint at the end of this epoch, then exit
+        PREEMPTED. A second signal ends the run at once (its last checkpoint stays)."""
+        self.signal = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+        print(f"{self.signal}: the run stops at the end of {self.next_epoch}, with a checkpoint", file=sys.stderr,
+              flush=True)
+
+    def interrupted(self):
+        """The line for Ctrl-C: what the run has saved, and the command that continues it."""
+        if self.latest is None:  # a checkpoint is written whole or not at all (`atomic_save`)
+            return f"interrupted: no checkpoint saved yet; the TensorBoard events so far are in {self.run_dir}"
+        argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+        argv += [] if any(a.split("=")[0] == "--run-dir" for a in argv) else ["--run-dir", self.run_dir]
+        return (f"interrupted: the checkpoint of {self.latest} is {os.path.join(self.run_dir, 'checkpoint.pt')}; "
+                f"continue with: {shlex.join(['python', sys.argv[0], *argv])}")
+
+
+def epoch_after(args, phase, epoch):
+    """'day epoch k/E_d' or 'night epoch k/E_n': the epoch that follows `phase` epoch `epoch`."""
+    if phase == "day" and epoch == args.day_epochs:
+        phase, epoch = "night", 0
+    return f"{phase} epoch {epoch + 1}/{args.day_epochs if phase == 'day' else args.night_epochs}"
+
+
+def check_finite(losses, what, phase, epoch):
+    """Stop the run when a loss term is not finite, naming the terms; the last checkpoint, written before, stays."""
+    bad = [f"{k.removesuffix('_loss')} ({v})" for k, v in losses.items() if not math.isfinite(v)]
+    if bad:
+        raise SystemExit(f"error: the {what} loss is not finite at {phase} epoch {epoch}, in its terms "
+                         f"{', '.join(bad)}; the run stops, and its last checkpoint is kept")
+
+
+def check_disk(run_dir, args, wm, agent, day_to_run):
+    """Refuse a run directory without room for what the run writes: the day's real data (12.3 KB a real step, less
+    what is written already) and up to four checkpoints (the last, the one before, the one being written, day.pt)."""
+    written = sum(os.path.getsize(os.path.join(replay_dir(run_dir), f)) for f in os.listdir(replay_dir(run_dir))) \
+        if os.path.isdir(replay_dir(run_dir)) else 0
+    step_bytes = sum(v.itemsize * math.prod(v.shape[2:]) for v in ReplayDataset(1, 1).data.values())
+    replay = max(0, step_bytes * args.day_epochs * args.day_steps - written) if day_to_run else 0
+    checkpoint = 3 * sum(p.numel() * p.element_size() for p in [*wm.parameters(), *agent.parameters()])  # + Adam's
+    need, free = replay + 4 * checkpoint, shutil.disk_usage(run_dir).free
+    if free < need:
+        fail("--run-dir", f"{run_dir!r} has {free / 2**30:.2f} GiB free, and this run writes about "
+                          f"{need / 2**30:.2f} GiB (real data {replay / 2**30:.2f} GiB, checkpoints "
+                          f"{4 * checkpoint / 2**30:.2f} GiB); free some space or choose another --run-dir")
+
+
+def read_checkpoint(path, args, flag):
+    """Read a checkpoint for `flag`, --resume (None when unreadable) or --day-checkpoint, refusing one made with other
+    settings: for a resume any but the Resumable flags, for a night the DayFixed flags and the reward shaping."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        saved, phase = ckpt["args"], ckpt["progress"]["phase"]
+    except Exception as e:  # a file cut short, damaged, or not a checkpoint
+        if flag == "--resume":
+            print(f"warning: cannot read {path} ({type(e).__name__}: {e}); trying the checkpoint before it",
+                  file=sys.stderr, flush=True)
+            return None
+        fail(flag, f"{path!r} is not a day checkpoint of these scripts ({e})")
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        fail(flag, f"{path!r} was written by an older version of these scripts; "
+                   + ("start the run again" if flag == "--resume" else "make it again with --save-day"))
+    if flag == "--day-checkpoint" and phase != "day":
+        fail(flag, f"{path!r} was taken during a night; a night starts from a day's checkpoint (day.pt)")
+    names = marked(type(args), "day") if flag == "--day-checkpoint" else \
+        [f.name for f in fields(args) if f.name not in marked(type(args), "resumable")]
+    wrong = [f"--{k.replace('_', '-')} {saved.get(k)!r} (here {getattr(args, k)!r})"
+             for k in names if saved.get(k) != getattr(args, k)]
+    if flag == "--day-checkpoint":
+        shaping = reward_shaping(replace(args, **{k: saved.get(k) for k in ("env_id", "penalty", "reward_scale")}))
+        wrong += [f"{name} {was} (here {now})" for name, was, now in
+                  zip(("--penalty", "--reward-scale"), shaping, reward_shaping(args)) if was != now]
+    if wrong:
+        fail(flag, f"{path!r} was made with other settings; run with: " + ", ".join(wrong))
+    if flag == "--day-checkpoint" and needs_replay(args) and not os.path.isdir(replay_path(path)):
+        fail(flag, f"this night learns from the day's real data, and {replay_path(path)!r} is missing (a benchmark "
+                   f"removes it once the nights that need it are done)")
+    return ckpt
+
+
+def latest_checkpoint(run_dir, args):
+    """The last readable checkpoint of the run in `run_dir` (checkpoint.pt, else checkpoint.prev.pt); None when it
+    has none yet."""
+    found = [p for p in (os.path.join(run_dir, name) for name in ("checkpoint.pt", "checkpoint.prev.pt"))
+             if os.path.exists(p)]
+    for path in found:
+        ckpt = read_checkpoint(path, args, "--resume")
+        if ckpt is not None:
+            return ckpt
+    if found:
+        fail("--resume", f"no checkpoint of {run_dir!r} can be read ({', '.join(found)}); remove them to start the "
+                         f"run again")
+    return None
+
+
+def restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, replay=None):
+    """Load a checkpoint into the run's objects (and the real data it counts from the directory `replay`, when
+    given); returns its progress."""
+    wm.load_state_dict(ckpt["world_model"])
+    agent.load_state_dict(ckpt["agent"])
+    wm_optimizer.load_state_dict(ckpt["wm_optimizer"])
+    agent_optimizer.load_state_dict(ckpt["agent_optimizer"])
+    return_scale.value = ckpt["return_scale"]
+    if replay is not None:
+        dataset.load(replay, ckpt["progress"]["replay_size"])
+    random.setstate(ckpt["rng"]["python"])
+    np.random.set_state(ckpt["rng"]["numpy"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt["progress"]
+
+# %% logging
+class Stopwatch:
+    """The seconds of each part of an epoch (listed in the order of `parts`, then as they come): `lap(part)` ends a
+    part; `with part(name)` times a part nested in the current one, which leaves it out."""
+
+    def __init__(self, *parts):
+        self.parts, self.last, self.nested = dict.fromkeys(parts, 0.0), time.time(), 0.0
+
+    def lap(self, name):
+        now = time.time()
+        self.parts[name] = self.parts.get(name, 0.0) + now - self.last - self.nested
+        self.last, self.nested = now, 0.0
+
+    @contextlib.contextmanager
+    def part(self, name):
+        start = time.time()
+        yield
+        seconds = time.time() - start
+        self.parts[name] = self.parts.get(name, 0.0) + seconds
+        self.nested += seconds
+
+
+class Logger:
+    """TensorBoard scalars and a line of progress per epoch in the terminal."""
+
+    def __init__(self, run_dir, args, total_epochs, resumed=None, device=torch.device("cpu")):
+        """`resumed`: the progress of the checkpoint the run goes on from; what the run logged after it is purged
+        (TensorBoard's purge_step), so that the curves go on without a repeated or out-of-order point."""
+        penalty, reward_scale = reward_shaping(args)
+        params = dict(vars(args), penalty=penalty, reward_scale=reward_scale, run_dir=run_dir,  # what the run uses
+                      cuda=device.type == "cuda", device=str(device), precision=precision(args, device))
+        if args.track:
+            import wandb
+
+            id_file = os.path.join(run_dir, "wandb_id")  # a resumed run goes on in the same W&B run
+            if not os.path.exists(id_file):
+                with open(id_file, "w") as f:
+                    f.write(wandb.util.generate_id())
+            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                       config=params, name=os.path.basename(run_dir), save_code=True, id=open(id_file).read(),
+                       resume="allow")
+        # --resume without a checkpoint starts again: whatever a killed first start logged goes (from step 0 on).
+        purge = None if not args.resume else resumed["step"] + 1 if resumed else 0
+        self.writer = SummaryWriter(run_dir, purge_step=purge)
+        if resumed is None:
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+                f"|{k}|{v}|" for k, v in params.items()))
+        self.start, self.total_epochs = time.time(), total_epochs
+        self.epochs_done = 0 if resumed is None else resumed["epochs_done"]
+        self.last, self.seconds = self.start, {}  # the time of the last line; each phase's epoch durations
+        self.phase_seconds = {}  # {phase: {part: seconds}}, from `times`
+
+    def scalars(self, family, values, step):
+        for key, value in values.items():
+            self.writer.add_scalar(f"{family}/{key}", value, step)
+
+    def times(self, phase, seconds, step):
+        """An epoch's seconds in each part of it as time/* (with the peak GPU memory on CUDA), summed per phase."""
+        self.scalars("time", seconds, step)
+        if torch.cuda.is_initialized():
+            self.writer.add_scalar("time/peak_gpu_mem_gb", torch.cuda.max_memory_allocated() / 2**30, step)
+        totals = self.phase_seconds.setdefault(phase, {})
+        for key, value in seconds.items():
+            totals[key] = totals.get(key, 0.0) + value
+
+    def time_summary(self):
+        """The run's last line: the seconds spent in each part of each phase, and the run's minutes."""
+        parts = [f"{phase}: " + ", ".join(f"{key} {value:.1f}" for key, value in totals.items())
+                 for phase, totals in self.phase_seconds.items()]
+        return f"time by phase (s): {'; '.join(parts)}; total {(time.time() - self.start) / 60:.1f} min"
+
+    def progress(self, phase, epoch, epochs, step, text):
+        """Print an epoch's line, with the time left in this phase from this phase's own mean epoch (without its
+        first epoch once there are others: the first carries the seed episodes, a checkpoint, the warm-up)."""
+        now = time.time()
+        seconds = self.seconds.setdefault(phase, [])
+        seconds.append(now - self.last)
+        self.last = now
+        self.epochs_done += 1
+        timed = seconds[1:] or seconds
+        left = sum(timed) / len(timed) * (epochs - epoch)
+        later = self.total_epochs - self.epochs_done - (epochs - epoch)  # the epochs of the phases to come
+        eta = (f"about {left / 60:.1f} min left in the {phase}, then {later} night epochs (not timed yet)" if later
+               else f"about {left / 60:.1f} min left")
+        print(f"[{phase} {epoch}/{epochs}] step {step:,} {text} | {(now - self.start) / 60:.1f} min, {eta}",
+              flush=True)
+
+
+class Evaluator:
+    """Each epoch's `evaluate`, logged as charts/* with the epoch's line; with --eval-overlap in a daemon thread (not an
+    executor's: Ctrl-C and SIGTERM need not wait for it) on a copy of the epoch's weights while the next epoch trains."""
+
+    def __init__(self, wm, agent, args, device, log, test_return=None):
+        self.args, self.device, self.log = args, device, log
+        self.pending = None  # (thread, its result, what to log with it)
+        self.test_return = test_return  # the last one logged (before the first: a resumed run's, given)
+        if args.eval_overlap:
+            self.wm, self.agent = (copy.deepcopy(m).requires_grad_(False) for m in (wm, agent))
+            self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def start(self, wm, agent, phase, epoch, epochs, step, text):
+        """Evaluate `phase` epoch `epoch` of `epochs`, ended at `step`; its line is "test {return} {text}"."""
+        self.finish()
+        if not self.args.eval_overlap:
+            return self.log_returns(evaluate(wm, agent, self.args, step, self.device), phase, epoch, epochs, step, text)
+        self.wm.load_state_dict(wm.state_dict())  # the weights of this epoch's end, which training goes on from
+        self.agent.load_state_dict(agent.state_dict())
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the copies are made before it reads
+        result = {}
+        thread = threading.Thread(target=self.run, args=(step, result), daemon=True)
+        thread.start()
+        self.pending = thread, result, (phase, epoch, epochs, step, text)
+
+    def run(self, step, result):
+        """The background thread: `evaluate` on the copies; its returns (or its exception) and seconds in `result`."""
+        start = time.time()
+        try:
+            with torch.cuda.stream(self.stream):  # a no-op without a stream (CPU)
+                result["returns"] = evaluate(self.wm, self.agent, self.args, step, self.device)
+            if self.stream is not None:
+                self.stream.synchronize()
+        except BaseException as e:  # re-raised in the main thread by `finish`
+            result["error"] = e
+        result["seconds"] = time.time() - start
+
+    def finish(self):
+        """Wait for the evaluation under way (if any) and log it; returns the last test return logged."""
+        if self.pending is not None:
+            (thread, result, epoch), self.pending = self.pending, None
+            thread.join()
+            if "error" in result:
+                raise result["error"]
+            self.log_returns(result["returns"], *epoch)
+            self.log.scalars("time", dict(evaluation_background=result["seconds"]), epoch[3])
+        return self.test_return
+
+    def log_returns(self, returns, phase, epoch, epochs, step, text):
+        self.test_return = returns["test_return"]
+        self.log.scalars("charts", returns, step)
+        self.log.progress(phase, epoch, epochs, step, f"test {self.test_return:.2f} {text}")
+
+# %% diagnostics
 def final_evaluation(wm, agent, args, device, log, phase, step):
-    """The phase's end measured precisely (not in the paper): --final-episodes episodes of each kind on levels drawn
-    from the seed alone, so that a day's final agent and each of its nights' meet the same levels; logged as
-    final/* at the phase's last step and printed."""
+    """The phase's end measured precisely (not in the paper): --final-episodes of each kind on levels drawn from the
+    seed alone, the same for a day and its nights; final/* at the phase's last step, and a line."""
     if args.final_episodes:
         start = time.time()
         returns = evaluate(wm, agent, args, -1, device, episodes=args.final_episodes)
@@ -1009,13 +1483,10 @@ def final_evaluation(wm, agent, args, device, log, phase, step):
 
 @torch.no_grad()
 def open_loop(wm, dataset, start, args, device, log, step, epoch):
-    """The world model's open-loop prediction (DreamerV3's openl) on real windows of the steps [start, size), not
-    trained on yet: filter --burn-in + 1 frames, then predict H steps from the prior with the real actions. Of
-    --wm-batch-size uniformly drawn windows: the reward error |r^ - r|, the continuation's accuracy and the image
-    MSE (per pixel), over the horizon and at its steps k = 1, 2, 4, ..., H; over those and as many windows with an
-    event (a non-zero reward or an episode's end) in their horizon: the recall of the real rewards (predicted within
-    half their size) and of the real ends (c^ < 0.5). All while the real episode goes on; openloop/*, and every
-    --dream-images-every epochs an image of truth, prediction and error. Its random numbers are its own."""
+    """The world model's open-loop prediction (DreamerV3's openl) on real windows from steps [start, size), not
+    trained on yet: filter burn_in + 1 frames, then predict H steps with the real actions. openloop/*, over the
+    horizon and at k = 1, 2, 4, ..., H: on B_w uniform windows the reward error, continuation accuracy and image MSE;
+    on those and B_w windows with a reward or an episode's end in their horizon (rare), the recall of both."""
     b, H, B = args.burn_in, args.horizon, args.wm_batch_size
     length, data = b + 1 + H, dataset.data
     if dataset.size < length:
@@ -1067,509 +1538,10 @@ def open_loop(wm, dataset, start, args, device, log, step, epoch):
                              .clamp(0, 1), step)
 
 
-class Evaluator:
-    """Each epoch's evaluation (`evaluate`) and what is logged with it: its returns as charts/* at the epoch's step
-    and the epoch's line. With --eval-overlap it runs in a thread of its own, on a copy of the weights taken at the
-    epoch's end, while the next epoch trains (ProcGen and torch let go of the GIL while they work; on CUDA it has a
-    stream of its own); the returns are the same as without."""
-
-    def __init__(self, wm, agent, args, device, log, test_return=None):
-        self.args, self.device, self.log = args, device, log
-        self.pending = None  # (thread, its result, what to log with it)
-        self.test_return = test_return  # the last one logged (before the first: a resumed run's, given)
-        if args.eval_overlap:
-            self.wm, self.agent = (copy.deepcopy(m).requires_grad_(False) for m in (wm, agent))
-            self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def start(self, wm, agent, phase, epoch, epochs, step, text):
-        """Evaluate the policy of `phase` epoch `epoch` (of `epochs`) that ended at `step`; its line is "test
-        {return} {text}". Without --eval-overlap, at once; with it, in the background (after waiting for the one
-        before). Returns the seconds this thread spent on it (time/evaluation)."""
-        start = time.time()
-        self.finish()
-        if not self.args.eval_overlap:
-            self.log_returns(evaluate(wm, agent, self.args, step, self.device), phase, epoch, epochs, step, text)
-            return time.time() - start
-        self.wm.load_state_dict(wm.state_dict())  # the weights of this epoch's end, which training goes on from
-        self.agent.load_state_dict(agent.state_dict())
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the copies are made before it reads
-        result = {}
-        thread = threading.Thread(target=self.run, args=(step, result), daemon=True)
-        thread.start()
-        self.pending = thread, result, (phase, epoch, epochs, step, text)
-        return time.time() - start
-
-    def run(self, step, result):
-        """The background thread: `evaluate` on the copies, its returns (or its exception) and seconds in `result`."""
-        start = time.time()
-        try:
-            with torch.cuda.stream(self.stream):  # a no-op without a stream (CPU)
-                result["returns"] = evaluate(self.wm, self.agent, self.args, step, self.device)
-            if self.stream is not None:
-                self.stream.synchronize()
-        except BaseException as e:  # re-raised in the main thread by `finish`
-            result["error"] = e
-        result["seconds"] = time.time() - start
-
-    def finish(self):
-        """Wait for the evaluation under way (if any) and log it; the last test return logged."""
-        if self.pending is not None:
-            thread, result, epoch = self.pending
-            thread.join()
-            self.pending = None
-            if "error" in result:
-                raise result["error"]
-            self.log_returns(result["returns"], *epoch)
-            self.log.scalars("time", dict(evaluation_background=result["seconds"]), epoch[3])
-        return self.test_return
-
-    def log_returns(self, returns, phase, epoch, epochs, step, text):
-        self.test_return = returns["test_return"]
-        self.log.scalars("charts", returns, step)
-        self.log.progress(phase, epoch, epochs, step, f"test {self.test_return:.2f} {text}")
-
-
-# %% checkpoint
-CHECKPOINT_FORMAT = 2  # checkpoint.pt and day.pt as written here (format 1 held the real data in day_replay.pt)
-PREEMPTED = 75  # the exit status after SIGTERM or SIGUSR1 and its checkpoint: run the same command with --resume
-# The flags a resumed run may change: where and how it logs, not what it computes.
-# The precision may change too: weights and optimizer state are float32 in both (a move between CUDA and a CPU
-# without bf16 changes it already).
-RESUME_MAY_CHANGE = ("resume", "checkpoint_every", "run_dir", "cuda", "track", "wandb_project_name", "wandb_entity",
-                     "eval_overlap", "bf16", "final_episodes")
-
-
-def atomic_save(obj, path, previous=None):
-    """torch.save to a temporary file beside `path`, then a rename: a crash while writing leaves no broken file. The
-    file it replaces is kept as `previous` when given."""
-    try:
-        torch.save(obj, f"{path}.tmp")
-    except BaseException:  # Ctrl-C or a full disk: no half-written file is left behind
-        if os.path.exists(f"{path}.tmp"):
-            os.remove(f"{path}.tmp")
-        raise
-    if previous is not None and os.path.exists(path):
-        os.replace(path, previous)
-    os.replace(f"{path}.tmp", path)
-
-
-def replay_dir(run_dir):
-    """Where a run writes its real data D, one chunk file per day epoch (ReplayDataset.save_new_steps)."""
-    return os.path.join(run_dir, "replay")
-
-
-def replay_path(day_path):
-    """The real data of the day whose checkpoint is `day_path`, beside it: only the nights that learn from real data
-    read it."""
-    return replay_dir(os.path.dirname(os.path.abspath(day_path)))
-
-
-def forget_steps_after(directory, size):
-    """Delete the chunks of a replay directory from step `size` on: a resumed run writes them again."""
-    for name in os.listdir(directory) if os.path.isdir(directory) else []:
-        if int(name.split(".")[0]) >= size:
-            os.remove(os.path.join(directory, name))
-
-
-def run_state(wm, agent, wm_optimizer, agent_optimizer, return_scale, args, progress, loop=None):
-    """What a run needs to go on from the end of an epoch, but the real data (on disk already; progress counts its
-    steps): models, optimizers, P, every RNG, the arguments, the progress (phase, epoch, step, last test return,
-    replay size) and, by day, the acting `loop`'s state (the environments' own state, frames, (h, z), scores)."""
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    return dict(format=CHECKPOINT_FORMAT, world_model=wm.state_dict(), agent=agent.state_dict(),
-                wm_optimizer=wm_optimizer.state_dict(), agent_optimizer=agent_optimizer.state_dict(),
-                return_scale=return_scale.value, rng=rng, args=asdict(args), progress=progress, loop=loop)
-
-
-class Checkpoints:
-    """The run's checkpoints, taken at the end of an epoch: {run_dir}/checkpoint.pt every --checkpoint-every epochs,
-    at the end of the day and of the night, and once SIGTERM or SIGUSR1 has arrived (then the run exits with
-    PREEMPTED); the one before stays as checkpoint.prev.pt. By day, each epoch's new real steps go to
-    {run_dir}/replay/ first; with --save-day, the end of the day is also written to day.pt."""
-
-    signal = None  # the stop signal received (`on_stop_signal`)
-    latest = None  # (path, "day epoch k") of the last checkpoint written by this process, for the line on Ctrl-C
-
-    def __init__(self, run_dir, args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset):
-        self.run_dir, self.args, self.dataset = run_dir, args, dataset
-        self.objects = (wm, agent, wm_optimizer, agent_optimizer, return_scale)
-
-    def __call__(self, phase, epoch, epochs, step, test_return, loop=lambda: None):
-        """The end of `phase` epoch `epoch` of `epochs`, at x-axis `step`; `test_return()` gives its test return (once
-        its evaluation is done: a checkpoint follows everything logged up to its step), `loop()` the day's acting
-        state."""
-        if phase == "day":
-            self.dataset.save_new_steps(replay_dir(self.run_dir))
-        every = self.args.checkpoint_every
-        if not (epoch == epochs or (every and epoch % every == 0) or Checkpoints.signal):
-            return
-        progress = dict(phase=phase, epoch=epoch, step=step, test_return=test_return(), replay_size=self.dataset.size)
-        state = run_state(*self.objects, self.args, progress, loop())
-        path = os.path.join(self.run_dir, "checkpoint.pt")
-        atomic_save(state, path, previous=os.path.join(self.run_dir, "checkpoint.prev.pt"))
-        Checkpoints.latest = path, f"{phase} epoch {epoch}/{epochs}"
-        if phase == "day" and epoch == epochs and self.args.save_day:
-            atomic_save(state, os.path.join(self.run_dir, "day.pt"))
-            print(f"day checkpoint: {os.path.join(self.run_dir, 'day.pt')}", flush=True)
-        if Checkpoints.signal:
-            print(f"{Checkpoints.signal}: stopped after {phase} epoch {epoch}/{epochs} with its checkpoint; run the "
-                  f"same command with --resume to continue", file=sys.stderr, flush=True)
-            raise SystemExit(PREEMPTED)
-
-
-def on_stop_signal(signum, frame):
-    """SIGTERM or SIGUSR1 (a cluster's preemption, scancel, a shutdown): checkpoint at the end of this epoch, then
-    exit with PREEMPTED. A second signal ends the run at once (its last checkpoint stays)."""
-    Checkpoints.signal = signal.Signals(signum).name
-    signal.signal(signum, signal.SIG_DFL)
-    print(f"{Checkpoints.signal}: the run stops at the end of this epoch, with a checkpoint", file=sys.stderr,
-          flush=True)
-
-
-def check_finite(losses, what, phase, epoch):
-    """Stop the run when a loss term is not finite, naming the terms; the last checkpoint, written before, stays."""
-    bad = [f"{k.removesuffix('_loss')} ({v})" for k, v in losses.items() if not math.isfinite(v)]
-    if bad:
-        raise SystemExit(f"error: the {what} loss is not finite at {phase} epoch {epoch}, in its terms "
-                         f"{', '.join(bad)}; the run stops, and its last checkpoint is kept")
-
-
-def check_disk(run_dir, args, wm, agent, day_to_run):
-    """Refuse a run directory without room for what the run will write: the day's real data (12.3 KB a real step,
-    less what is written already) and up to four checkpoints (the last, the one before, the one being written,
-    day.pt), each the weights and Adam's two moments."""
-    written = sum(os.path.getsize(os.path.join(replay_dir(run_dir), f)) for f in os.listdir(replay_dir(run_dir))) \
-        if os.path.isdir(replay_dir(run_dir)) else 0
-    step_bytes = sum(v.itemsize * math.prod(v.shape[2:]) for v in ReplayDataset(1, 1).data.values())
-    replay = max(0, step_bytes * args.day_epochs * args.day_steps - written) if day_to_run else 0
-    checkpoint = 3 * sum(p.numel() * p.element_size() for p in [*wm.parameters(), *agent.parameters()])
-    need, free = replay + 4 * checkpoint, shutil.disk_usage(run_dir).free
-    if free < need:
-        fail("--run-dir", f"{run_dir!r} has {free / 2**30:.2f} GiB free, and this run writes about "
-                          f"{need / 2**30:.2f} GiB (real data {replay / 2**30:.2f} GiB, checkpoints "
-                          f"{4 * checkpoint / 2**30:.2f} GiB); free some space or choose another --run-dir")
-
-
-def load_checkpoint(path, args):
-    """Read a day checkpoint and refuse one made with other sizes, another game, or another reward shaping (its
-    replay holds rewards shaped by the day's penalty and scale)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        saved, phase = ckpt["args"], ckpt["progress"]["phase"]
-    except Exception as e:  # a file that is not a day checkpoint
-        fail("--day-checkpoint", f"{path!r} is not a day checkpoint of these scripts ({e})")
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        fail("--day-checkpoint", f"{path!r} was written by an older version of these scripts (its real data in "
-                                 f"day_replay.pt); make it again with --save-day")
-    if phase != "day":
-        fail("--day-checkpoint", f"{path!r} was taken during a night; a night starts from a day's checkpoint (day.pt)")
-    wrong = [f"--{k.replace('_', '-')} {saved.get(k)!r} (here {getattr(args, k)!r})"
-             for k in DAY_FIELDS if saved.get(k) != getattr(args, k)]
-    day_shaping = reward_shaping(replace(args, **{k: saved.get(k) for k in ("env_id", "penalty", "reward_scale")}))
-    wrong += [f"{flag} {was} (here {now})" for flag, was, now in
-              zip(("--penalty", "--reward-scale"), day_shaping, reward_shaping(args)) if was != now]
-    if wrong:
-        fail("--day-checkpoint", f"{path!r} was made with other settings; run with: " + ", ".join(wrong))
-    if needs_replay(args) and not os.path.isdir(replay_path(path)):
-        fail("--day-checkpoint", f"this night learns from the day's real data, and {replay_path(path)!r} is missing "
-                                 f"(a benchmark removes it once the nights that need it are done)")
-    return ckpt
-
-
-def latest_checkpoint(run_dir, args):
-    """The last readable checkpoint of the run in `run_dir` (checkpoint.pt, else checkpoint.prev.pt, with a
-    warning), refused when the run was made with other flags; None when it has none yet."""
-    found = [path for path in (os.path.join(run_dir, name) for name in ("checkpoint.pt", "checkpoint.prev.pt"))
-             if os.path.exists(path)]
-    for path in found:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            saved = ckpt["args"]
-        except Exception as e:  # a file cut short or damaged
-            print(f"warning: cannot read {path} ({type(e).__name__}: {e}); trying the checkpoint before it",
-                  file=sys.stderr, flush=True)
-            continue
-        if ckpt.get("format") != CHECKPOINT_FORMAT:
-            fail("--resume", f"{path!r} was written by an older version of these scripts; start the run again")
-        wrong = [f"--{f.name.replace('_', '-')} {saved.get(f.name)!r} (here {getattr(args, f.name)!r})"
-                 for f in fields(args) if f.name not in RESUME_MAY_CHANGE and saved.get(f.name) != getattr(args, f.name)]
-        if wrong:
-            fail("--resume", f"the run in {run_dir!r} was made with other settings; resume it with: " + ", ".join(wrong))
-        return ckpt
-    if found:
-        fail("--resume", f"no checkpoint of {run_dir!r} can be read ({', '.join(found)}); remove them to start the run "
-                         f"again")
-    return None
-
-
-def restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, replay=None):
-    """Load a checkpoint into the run's objects, and from the replay directory `replay`, when given, the real data
-    it counts; returns its progress."""
-    wm.load_state_dict(ckpt["world_model"])
-    agent.load_state_dict(ckpt["agent"])
-    wm_optimizer.load_state_dict(ckpt["wm_optimizer"])
-    agent_optimizer.load_state_dict(ckpt["agent_optimizer"])
-    return_scale.value = ckpt["return_scale"]
-    if replay is not None:
-        dataset.load(replay, ckpt["progress"]["replay_size"])
-    random.setstate(ckpt["rng"]["python"])
-    np.random.set_state(ckpt["rng"]["numpy"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return ckpt["progress"]
-
-
-# %% logging
-class Logger:
-    """TensorBoard scalars and a line of progress per epoch in the terminal."""
-
-    latest = None  # the Logger of the run in this process, for the line printed on Ctrl-C
-
-    def __init__(self, run_dir, args, total_epochs, resumed=None, device=torch.device("cpu")):
-        """`resumed`: the progress of the checkpoint the run goes on from; what the run logged after it is purged
-        (TensorBoard's purge_step), so that the curves go on without a repeated or out-of-order point."""
-        penalty, reward_scale = reward_shaping(args)
-        params = dict(vars(args), penalty=penalty, reward_scale=reward_scale,  # the values in use, not None
-                      precision=precision(args, device))
-        if args.track:
-            import wandb
-
-            id_file = os.path.join(run_dir, "wandb_id")  # a resumed run goes on in the same W&B run
-            if not os.path.exists(id_file):
-                with open(id_file, "w") as f:
-                    f.write(wandb.util.generate_id())
-            wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                       config=params, name=os.path.basename(run_dir), save_code=True, id=open(id_file).read(),
-                       resume="allow")
-        # --resume without a checkpoint starts again: whatever a killed first start logged goes (from step 0 on).
-        purge = None if not args.resume else resumed["step"] + 1 if resumed else 0
-        self.writer = SummaryWriter(run_dir, purge_step=purge)
-        if resumed is None:
-            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
-                f"|{k}|{v}|" for k, v in params.items()))
-        self.start, self.total_epochs = time.time(), total_epochs
-        self.epochs_done = 0 if resumed is None else resumed["epochs_done"]
-        self.last, self.seconds = self.start, {}  # the time of the last line; each phase's epoch durations
-        self.phase_seconds = {}  # {phase: {part: seconds}}, from `times`
-        Logger.latest = self
-
-    def scalars(self, family, values, step):
-        for key, value in values.items():
-            self.writer.add_scalar(f"{family}/{key}", value, step)
-
-    def times(self, phase, seconds, step):
-        """An epoch's seconds in each part of it, as time/* scalars (with the peak GPU memory so far on CUDA),
-        added up per phase for `time_summary`."""
-        self.scalars("time", seconds, step)
-        if torch.cuda.is_initialized():
-            self.writer.add_scalar("time/peak_gpu_mem_gb", torch.cuda.max_memory_allocated() / 2**30, step)
-        totals = self.phase_seconds.setdefault(phase, {})
-        for key, value in seconds.items():
-            totals[key] = totals.get(key, 0.0) + value
-
-    def time_summary(self):
-        """The run's last line: the seconds spent in each part of each phase (from `times`), and the run's minutes."""
-        parts = [f"{phase}: " + ", ".join(f"{key} {value:.1f}" for key, value in totals.items())
-                 for phase, totals in self.phase_seconds.items()]
-        return f"time by phase (s): {'; '.join(parts)}; total {(time.time() - self.start) / 60:.1f} min"
-
-    def progress(self, phase, epoch, epochs, step, text):
-        """Print an epoch's line, with the time left in this phase from this phase's own mean epoch (without its
-        first epoch once there are others: the first carries the seed episodes, a checkpoint, the warm-up)."""
-        now = time.time()
-        seconds = self.seconds.setdefault(phase, [])
-        seconds.append(now - self.last)
-        self.last = now
-        self.epochs_done += 1
-        timed = seconds[1:] or seconds
-        left = sum(timed) / len(timed) * (epochs - epoch)
-        later = self.total_epochs - self.epochs_done - (epochs - epoch)  # the epochs of the phases to come
-        eta = (f"about {left / 60:.1f} min left in the {phase}, then {later} night epochs (not timed yet)" if later
-               else f"about {left / 60:.1f} min left")
-        print(f"[{phase} {epoch}/{epochs}] step {step:,} {text} | {(now - self.start) / 60:.1f} min, {eta}",
-              flush=True)
-
-    @staticmethod
-    def interrupted():
-        """The line for Ctrl-C: what the run has saved (nothing, or the day checkpoint), its events closed."""
-        log = Logger.latest
-        if log is None:
-            return "interrupted before the run started: nothing saved"
-        log.writer.close()
-        run_dir = log.writer.log_dir
-        if Checkpoints.latest is None:  # a checkpoint is written whole or not at all (`atomic_save`)
-            return f"interrupted: no checkpoint saved yet; the TensorBoard events so far are in {run_dir}"
-        path, when = Checkpoints.latest
-        return f"interrupted: the checkpoint of {when} is {path}; continue with --resume --run-dir {run_dir}"
-
-
-# %% day
-def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device, checkpoint=None,
-        resumed=None):
-    """Algorithm 1 by day: S random seed episodes, then E_d epochs of U_w world-model updates, T_d real
-    steps with the agent acting on posterior states, a PPO update on them, and an evaluation; `checkpoint` at the
-    end of each epoch. With `resumed` (a checkpoint of this day), the epochs after it, from the state it holds."""
-    penalty, scale = reward_shaping(args)
-    n, num_actions = args.num_envs, envs.action_space.n
-    if resumed is not None:
-        return acting_day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device,
-                          checkpoint, **resumed["loop"], **resumed["progress"])
-    obs, is_first = envs.reset()["rgb"], np.ones(n, bool)
-    score, seed_steps, episodes = np.zeros(n), 0, 0
-    while episodes < args.seed_episodes or dataset.size < args.seq_len:
-        action = np.random.randint(num_actions, size=n)
-        next_obs, reward, done, _ = envs.step(action)
-        dataset.add(obs=obs, actions=action, rewards=shape_reward(reward, done, penalty, scale), conts=1.0 - done,
-                    is_first=is_first, logprobs=np.full(n, -math.log(num_actions)))
-        score += reward
-        score[done] = 0.0
-        obs, is_first, seed_steps, episodes = next_obs["rgb"], done, seed_steps + n, episodes + done.sum()
-    # The agent's state s_t of the current frame; from here on each real frame is filtered once.
-    with torch.no_grad(), autocast(device, args):
-        h, z = wm.filter_step(wm.initial(n), torch.zeros(n, wm.C, wm.J, device=device),
-                              torch.zeros(n, dtype=torch.long, device=device), torch.as_tensor(obs, device=device),
-                              torch.ones(n, dtype=torch.bool, device=device))
-    # The x-axis counts the real steps of the day epochs (E_d T_d = 1M at the paper's size), not the seed episodes'.
-    print(f"{seed_steps:,} real steps of {episodes} seed episodes (random actions), not counted on the x-axis",
-          flush=True)
-    return acting_day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device,
-                      checkpoint, envs_state=None, obs=obs, is_first=is_first, score=score, h=h, z=z)
-
-
-def acting_day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device, checkpoint,
-               envs_state, obs, is_first, score, h, z, epoch=0, step=0, test_return=None, **progress):
-    """The day's epochs after `epoch`, the environments at `envs_state` (ProcGen's own; None: as they are), showing
-    `obs` (is_first where an episode starts), the agent at state (h, z), each episode's `score` so far."""
-    penalty, scale = reward_shaping(args)
-    n = args.num_envs
-    if envs_state is not None:
-        envs.env.set_state(envs_state)
-    h, z = h.to(device), z.to(device)
-    evaluation = Evaluator(wm, agent, args, device, log, test_return)
-    for epoch in range(epoch + 1, args.day_epochs + 1):
-        # The model's predictions on the steps it has not trained on yet: the last epoch's (the first: the seed's).
-        t_open_loop = time.time()
-        open_loop(wm, dataset, dataset.size - args.day_steps // n if epoch > 1 else 0, args, device, log, step, epoch)
-        t0 = time.time()
-        wm_stats = []
-        for _ in range(args.wm_updates):
-            batch = to_torch(dataset.sample(args.wm_batch_size, args.seq_len, args.reward_seq_fraction), device)
-            with autocast(device, args):
-                loss, metrics, _ = wm.loss(batch, args)
-            check_finite(metrics, "world-model", "day", epoch)  # before its step spoils the model
-            wm_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(wm.parameters(), args.wm_grad_clip)
-            wm_optimizer.step()
-            wm_stats.append(metrics)
-        wm_means = {k: float(np.mean([m[k] for m in wm_stats])) for k in wm_stats[0]}
-        t1 = time.time()
-        keys = ("states", "actions", "logprobs", "values", "rewards", "conts")
-        traj, finished = {k: [] for k in keys}, []
-        for _ in range(args.day_steps // n):
-            s = state_features(h, z)
-            with torch.no_grad(), autocast(device, args):
-                action, logprob, _, _, value = agent.get_action_and_value(s)
-            action_np = action.cpu().numpy()
-            next_obs, reward, done, _ = envs.step(action_np)
-            shaped = shape_reward(reward, done, penalty, scale)
-            dataset.add(obs=obs, actions=action_np, rewards=shaped, conts=1.0 - done, is_first=is_first,
-                        logprobs=logprob.float().cpu().numpy())
-            score += reward
-            finished += list(score[done])
-            score[done] = 0.0
-            obs, is_first = next_obs["rgb"], done
-            with torch.no_grad(), autocast(device, args):
-                h, z = wm.filter_step(h, z, action, torch.as_tensor(obs, device=device),
-                                      torch.as_tensor(done, device=device))
-            for key, x in zip(keys, (s, action, logprob, value, torch.as_tensor(shaped, device=device),
-                                     torch.as_tensor(1.0 - done, device=device))):
-                traj[key].append(x)
-        with torch.no_grad(), autocast(device, args):
-            traj = stack_trajectory(traj, agent.value(state_features(h, z)))
-        traj["weights"] = torch.ones_like(traj["rewards"])
-        t2 = time.time()
-        stats = train_agent(agent, agent_optimizer, return_scale, traj, args.day_gamma, args, device)
-        check_finite(stats, "agent", "day", epoch)
-        step += args.day_steps
-        sps = args.day_steps / (time.time() - t1)
-        t3 = time.time()
-        log.scalars("world_model", wm_means, step)
-        log.scalars("losses", stats, step)
-        log.scalars("charts", dict(SPS=sps, wm_update_seconds=(t1 - t0) / args.wm_updates), step)
-        train_text = "-"
-        if finished:
-            log.scalars("charts", dict(train_return=float(np.mean(finished))), step)
-            train_text = f"{np.mean(finished):.2f}"
-        evaluating = evaluation.start(wm, agent, "day", epoch, args.day_epochs, step,
-                                      f"train {train_text} wm_loss {wm_means['loss']:.1f} SPS {sps:.0f}")
-        log.times("day", dict(world_model=t1 - t0, acting=t2 - t1, ppo=t3 - t2, evaluation=evaluating,
-                              diagnostics=t0 - t_open_loop), step)
-        if epoch == args.day_epochs:
-            evaluation.finish()
-            final_evaluation(wm, agent, args, device, log, "day", step)
-        if checkpoint is not None:
-            checkpoint("day", epoch, args.day_epochs, step, evaluation.finish, loop=lambda: dict(
-                envs_state=envs.env.get_state(), obs=obs, is_first=is_first, score=score, h=h.cpu(), z=z.cpu()))
-    return dict(step=step, test_return=evaluation.finish())
-
-
-# %% night
-def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, step, checkpoint=None, epoch=0):
-    """Algorithm 1 by night: E_n epochs of B_a U_a dreams of H steps from the frozen world model, a PPO
-    update on them (gamma = 1 - 1/H, continuation-discounted), and an evaluation; `checkpoint` at the end of each
-    epoch. Resumed, the epochs after `epoch`."""
-    wm.requires_grad_(False)
-    if epoch == 0:  # a resumed night keeps the learning rates restored with its optimizer
-        for group in agent_optimizer.param_groups:
-            group["lr"] = args.night_lr
-    n = args.agent_batch_size * args.agent_updates
-    evaluation = Evaluator(wm, agent, args, device, log)
-    for epoch in range(epoch + 1, args.night_epochs + 1):
-        t0 = time.time()
-        with torch.no_grad(), autocast(device, args):
-            if args.init_states == "random":
-                h, z = random_initial_states(wm, n)
-            else:
-                h, z = collected_initial_states(wm, dataset, n, args)
-        traj, dream_stats = imagine(wm, agent, h.float(), z.float(), args.horizon, args)
-        t1, transforming = time.time(), dream_stats.pop("transform_seconds")
-        stats = train_agent(agent, agent_optimizer, return_scale, traj, 1 - 1 / args.horizon, args, device)
-        check_finite(stats, "agent", "night", epoch)
-        step += n * args.horizon
-        sps = n * args.horizon / (time.time() - t0)
-        t2 = time.time()
-        log.scalars("losses", stats, step)
-        log.scalars("dream", dream_stats, step)
-        if args.dream_images_every and (epoch - 1) % args.dream_images_every == 0:
-            log_dream_images(wm, agent, traj["states"].flatten(0, 1), args, log.writer, step)
-        log.scalars("charts", dict(SPS=sps), step)
-        evaluating = evaluation.start(wm, agent, "night", epoch, args.night_epochs, step,
-                                      f"dream return {dream_stats['return_mean']:.2f} SPS {sps:.0f}")
-        log.times("night", dict(dreaming=t1 - t0 - transforming, transformation=transforming, ppo=t2 - t1,
-                                evaluation=evaluating), step)
-        if epoch == args.night_epochs:
-            evaluation.finish()
-            final_evaluation(wm, agent, args, device, log, "night", step)
-        if checkpoint is not None:
-            checkpoint("night", epoch, args.night_epochs, step, evaluation.finish)
-    evaluation.finish()
-    return step
-
-
-def needs_replay(args):
-    """Whether this night learns from the day's real data (replay/): only from collected initial states."""
-    return args.init_states == "collected"
-
-
 # %% main
 def claim_run_dir(args):
-    """The run's directory, made and taken before any work (a .lock file names this process): --run-dir, or a
-    new runs/{env_id}__{exp_name}[_collected][_night]__{seed}__{time}[_k]. Refused when it already holds a run's
-    TensorBoard events (but with --resume), when a live run holds it, or when it cannot be written."""
+    """The run's directory (--run-dir, or a new runs/{env_id}__{exp_name}[_collected][_night]__{seed}__{time}[_k]),
+    locked with flock before any work; refused when in use, holding a run's events (without --resume), or unwritable."""
     path = args.run_dir
     try:
         if path is None:
@@ -1582,35 +1554,30 @@ def claim_run_dir(args):
                 except FileExistsError:
                     path = f"{base}_{k}"
         os.makedirs(path, exist_ok=True)
-        lock = os.path.join(path, ".lock")
-        if os.path.exists(lock):
-            host, pid = open(lock).read().split()
-            if host == socket.gethostname() and pid_alive(int(pid)):
-                fail("--run-dir", f"{path!r} is in use by another run (process {pid}); choose another --run-dir")
+        lock = open(os.path.join(path, ".lock"), "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            fail("--run-dir", f"{path!r} is in use by another run (process {lock.read().strip()}); choose another "
+                              f"--run-dir")
         if not args.resume and glob.glob(os.path.join(path, "events.out.tfevents.*")):
             fail("--run-dir", f"{path!r} already holds a run's TensorBoard events; continue it with --resume, or choose "
                               f"another --run-dir")
-        with open(lock, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}")
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
     except OSError as e:
-        fail("--run-dir", f"cannot write the run's directory {path!r} ({e.strerror}); run from a writable directory "
-                          f"or choose a writable --run-dir")
+        file = next((str(p) for p in (pathlib.Path(path), *pathlib.Path(path).parents) if p.is_file()), None)
+        fail("--run-dir", f"{path!r} cannot be a directory: {file!r} is a file; choose another --run-dir" if file else
+             f"cannot write the run's directory {path!r} ({e.strerror}); run from a writable directory or choose a "
+             f"writable --run-dir")
     return path, lock
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def main(args):
     check_args(args)
-    ckpt = load_checkpoint(args.day_checkpoint, args) if args.day_checkpoint else None
+    day_ckpt = read_checkpoint(args.day_checkpoint, args, "--day-checkpoint") if args.day_checkpoint else None
     run_dir, lock = claim_run_dir(args)
     resumed = latest_checkpoint(run_dir, args) if args.resume else None
     random.seed(args.seed)
@@ -1626,59 +1593,68 @@ def main(args):
     wm_optimizer = torch.optim.Adam(wm.parameters(), lr=args.day_lr)
     agent_optimizer = make_agent_optimizer(agent, args.day_lr)
     return_scale = ReturnScale(args.return_scale_decay)
-    capacity = math.ceil((args.day_epochs * args.day_steps) / args.num_envs) + 1000
-    dataset = ReplayDataset(args.num_envs, capacity)
-    progress = resumed["progress"] if resumed else dict(phase="night" if ckpt else "day", epoch=0)
+    dataset = ReplayDataset(args.num_envs, math.ceil((args.day_epochs * args.day_steps) / args.num_envs) + 1000)
+    objects = (wm, agent, wm_optimizer, agent_optimizer, return_scale)
+    checkpoint = Checkpoints(run_dir, args, *objects, dataset)
+    progress = resumed["progress"] if resumed else dict(phase="night" if day_ckpt else "day", epoch=0, step=0)
     phase, epoch = progress["phase"], progress["epoch"]
     finished = epoch == args.night_epochs if phase == "night" else epoch == args.day_epochs and not args.night_epochs
-    if resumed and finished:
+    if epoch and finished:
         print(f"{run_dir}: the run is finished (its last checkpoint is the end of the {phase}); nothing to do")
         return end_run(args, run_dir, lock, envs)
     check_disk(run_dir, args, wm, agent, day_to_run=phase == "day")
     if args.resume:  # the real data of the steps after the checkpoint (or all, with none) are made again
         forget_steps_after(replay_dir(run_dir), progress.get("replay_size", 0))
+    state = None
     if resumed:
         replay = None  # the real data: this run's own, or a night-only run's day's, when the rest of the run needs them
         if phase == "day" or needs_replay(args):
             replay = replay_path(args.day_checkpoint) if args.day_checkpoint else replay_dir(run_dir)
-        restore(resumed, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, replay)
-        resumed = dict(progress=progress, loop=resumed["loop"])  # the rest now lives in the run's objects
-        ckpt = None
-        Checkpoints.latest = os.path.join(run_dir, "checkpoint.pt"), f"{phase} epoch {epoch}"
+        restore(resumed, *objects, dataset, replay)
+        if phase == "day":
+            state = DayState(**resumed["loop"], epoch=epoch, step=progress["step"], test_return=progress["test_return"])
+        resumed = day_ckpt = None  # the rest now lives in the run's objects
+        checkpoint.latest = f"{phase} epoch {epoch}"
+    checkpoint.next_epoch = epoch_after(args, phase, epoch)
     total_epochs = args.night_epochs + (0 if args.day_checkpoint else args.day_epochs)
     epochs_done = epoch + (args.day_epochs if phase == "night" and not args.day_checkpoint else 0)
     log = Logger(run_dir, args, total_epochs, device=device,
-                 resumed=dict(step=progress["step"], epochs_done=epochs_done) if resumed else None)
+                 resumed=dict(step=progress["step"], epochs_done=epochs_done) if epoch else None)
     day_text = f"night only, from {args.day_checkpoint}" if args.day_checkpoint else \
         f"{args.day_epochs} day epochs of {args.day_steps} real steps"
-    print(f"{run_dir} on {device} in {precision(args, device)}: {day_text}, {args.night_epochs} night epochs of "
-          f"{args.agent_batch_size * args.agent_updates} agent sequences of {args.horizon} steps", flush=True)
-    if resumed:
+    night_text = f"{args.night_epochs} night epochs of {args.agent_batch_size * args.agent_updates} agent sequences " \
+                 f"of {args.horizon} steps" if args.night_epochs else "no night"
+    print(f"{run_dir} on {device} in {precision(args, device)}: {day_text}, {night_text}", flush=True)
+    if epoch:
         print(f"resumed from the checkpoint of {phase} epoch {epoch} (step {progress['step']:,}, test return "
               f"{progress['test_return']:.2f}): the epochs after it are redone", flush=True)
-    bookkeeping = {"exp_name", "seed", "env_id", "cuda", "track", "wandb_project_name", "wandb_entity", "save_day",
-                   "day_checkpoint", "torch_deterministic", "dream_images_every", "run_dir", "eval_train_levels",
-                   "resume", "checkpoint_every", "eval_overlap", "bf16", "final_episodes"}
-    changed = [f"--{f.name.replace('_', '-')}" for f in fields(args)
-               if f.name not in bookkeeping and getattr(args, f.name) != f.default]
+    changed = [f"--{f.name.replace('_', '-')}" for f in fields(Hyperparameters)  # the paper runs every game
+               if f.name != "env_id" and getattr(args, f.name) != f.default]
     if changed:
         print(f"not the paper's protocol ({' '.join(changed)} changed): the full run is every default, "
               f"`python {os.path.basename(__file__)} --env-id {args.env_id} --seed {args.seed}` (1M real steps "
               f"by day, about 1M dreamed by night; a GPU job)", flush=True)
 
-    checkpoint = Checkpoints(run_dir, args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset)
-    if phase == "day":
-        progress = day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device,
-                       checkpoint, resumed)
-        epoch = 0
-    elif ckpt is not None:  # a new night from a day checkpoint
-        progress = restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset,
-                           replay_path(args.day_checkpoint) if needs_replay(args) else None)
-        ckpt = None  # the dataset now lives in `dataset`: free the checkpoint's copy
-        log.scalars("charts", dict(test_return=progress["test_return"]), progress["step"])
-        print(f"night from {args.day_checkpoint}: day ended at step {progress['step']:,} with test return "
-              f"{progress['test_return']:.2f}", flush=True)
-    night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, progress["step"], checkpoint, epoch)
+    handlers = {s: signal.signal(s, checkpoint.on_stop_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        if phase == "day":
+            progress = day(args, *objects, dataset, envs, log, device, checkpoint, state)
+            epoch = 0
+        elif day_ckpt is not None:  # a new night from a day checkpoint
+            replay = replay_path(args.day_checkpoint) if needs_replay(args) else None
+            progress = restore(day_ckpt, *objects, dataset, replay)
+            day_ckpt = None  # the dataset now lives in `dataset`: free the checkpoint's copy
+            log.scalars("charts", dict(test_return=progress["test_return"]), progress["step"])
+            print(f"night from {args.day_checkpoint}: day ended at step {progress['step']:,} with test return "
+                  f"{progress['test_return']:.2f}", flush=True)
+        night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, progress["step"], checkpoint, epoch)
+    except KeyboardInterrupt:
+        log.writer.close()
+        print(checkpoint.interrupted(), file=sys.stderr, flush=True)
+        raise SystemExit(130)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     print(log.time_summary(), flush=True)
     log.writer.close()
     end_run(args, run_dir, lock, envs)
@@ -1692,15 +1668,13 @@ def end_run(args, run_dir, lock, envs):
         shutil.rmtree(replay_dir(run_dir), ignore_errors=True)
     if os.path.exists(os.path.join(run_dir, "checkpoint.prev.pt")):
         os.remove(os.path.join(run_dir, "checkpoint.prev.pt"))
-    os.remove(lock)
+    os.remove(lock.name)
+    lock.close()
 
 
 if __name__ == "__main__":
-    cli_args = tyro.cli(Args, description=__doc__.split("\n\n")[0])
-    signal.signal(signal.SIGTERM, on_stop_signal)
-    signal.signal(signal.SIGUSR1, on_stop_signal)
     try:
-        main(cli_args)
+        main(tyro.cli(Args, description=__doc__.split("\n\n")[0]))
     except KeyboardInterrupt:
-        print(Logger.interrupted(), file=sys.stderr, flush=True)
+        print("interrupted before the run started: nothing saved", file=sys.stderr, flush=True)
         sys.exit(130)

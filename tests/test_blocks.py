@@ -21,8 +21,16 @@ def test_scripts_are_made_of_the_named_blocks():
     assert ROOT / "dreamer_ppo.py" in SCRIPTS
     for script in SCRIPTS:
         names = set(blocks(script))
-        assert {"imports", "args", "checks", "maths", "world model", "dataset", "agent", "evaluation",
-                "checkpoint", "day", "main"} <= names, f"{script.name} lacks blocks"
+        assert {"imports", "hyperparameters", "maths", "world model", "dataset", "agent", "evaluation", "day",
+                "run flags", "checks", "checkpoint", "logging", "main"} <= names, f"{script.name} lacks blocks"
+
+
+def test_the_method_comes_before_the_harness():
+    # A reader who stops at the harness's line has read the whole method: no harness block comes before it.
+    for script in SCRIPTS:
+        names = list(blocks(script))
+        assert names.index("night" if "night" in names else "offline night") + 1 == names.index("run flags")
+        assert (ROOT / script).read_text().split("\n# %% run flags\n")[1].split("\n")[0].count("The harness"), script
 
 
 def test_shared_blocks_are_identical():

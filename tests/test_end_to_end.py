@@ -12,10 +12,14 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dreamer_ppo import (ReplayDataset, ReturnScale, atomic_save, check_args, claim_run_dir, load_checkpoint,
+from dreamer_ppo import (ReplayDataset, ReturnScale, atomic_save, check_args, claim_run_dir, read_checkpoint,
                          random_initial_states, replay_path, restore, run_state)
 from conftest import SIZE_FLAGS, crafted_dataset, finish, make_models, make_optimizers, random_batch, run_script, \
     tiny_args
+
+
+def load_checkpoint(path, args):
+    return read_checkpoint(path, args, "--day-checkpoint")
 
 
 # %% bad input
@@ -344,7 +348,7 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, mon
 
 
 @pytest.mark.parametrize("setup, words", [
-    (lambda d: (d / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}"), ["in use", "process"]),
+    (lambda d: HELD.append(claim_run_dir(tiny_args(run_dir=str(d)))), ["in use", f"process {os.getpid()}"]),
     (lambda d: (d / "events.out.tfevents.1.host").write_bytes(b""), ["already holds", "events"]),
 ])
 def test_a_run_directory_in_use_or_holding_events_is_refused(tmp_path, setup, words):
@@ -358,16 +362,22 @@ def test_a_run_directory_in_use_or_holding_events_is_refused(tmp_path, setup, wo
         assert word in str(e.value)
 
 
+HELD = []  # the run directories this process holds (their locks are released when the file is closed)
+
+
 def test_a_stale_lock_is_taken_over(tmp_path):
-    (tmp_path / ".lock").write_text(f"{socket.gethostname()} 999999999")  # no such process
+    (tmp_path / ".lock").write_text(f"{socket.gethostname()} 999999999")  # a run that died: its lock file stays
     path, lock = claim_run_dir(tiny_args(run_dir=str(tmp_path)))
-    assert path == str(tmp_path) and open(lock).read().split()[1] == str(os.getpid())
+    assert path == str(tmp_path) and open(lock.name).read() == str(os.getpid())
+    lock.close()  # the process ends: the directory is free again
+    claim_run_dir(tiny_args(run_dir=str(tmp_path)))[1].close()
 
 
-def test_an_unwritable_run_directory_fails_the_script_at_once(tmp_path):
+@pytest.mark.parametrize("run_dir", ["file/run", "file"])
+def test_a_run_directory_that_is_a_file_fails_the_script_at_once(tmp_path, run_dir):
     (tmp_path / "file").write_text("")
-    code, out, err = finish(run_script(["--run-dir", str(tmp_path / "file" / "run"), *SIZE_FLAGS], tmp_path), 120)
-    assert code != 0 and "--run-dir" in err and "file/run" in err and "writable" in err
+    code, out, err = finish(run_script(["--run-dir", str(tmp_path / run_dir), *SIZE_FLAGS], tmp_path), 120)
+    assert code != 0 and "--run-dir" in err and f"{tmp_path / 'file'}' is a file" in err and "File exists" not in err
     assert "day 1/" not in out
 
 

@@ -98,10 +98,11 @@ def test_sigterm_checkpoints_and_exits_75_then_the_night_resumes(tmp_path):
     """A night from a day checkpoint (collected initial states: it reads the day's replay) stopped by SIGTERM at a
     night epoch checkpoints at the end of the epoch it is in and exits with 75; resumed, it ends as the night never
     stopped."""
-    code, _, err = run_until([*RUN, "--night-epochs", "0", "--save-day", "--run-dir", str(tmp_path / "day")],
-                             tmp_path)
+    code, out, err = run_until([*RUN, "--night-epochs", "0", "--save-day", "--run-dir", str(tmp_path / "day")],
+                               tmp_path)
     assert code == 0, err[-3000:]
     assert (tmp_path / "day" / "replay").is_dir()  # kept with --save-day, for the nights
+    assert "no night" in out and "0 night epochs" not in out
     night = [*RUN, "--day-checkpoint", str(tmp_path / "day" / "day.pt"), "--init-states", "collected",
              "--checkpoint-every", "0"]
     code, _, err = run_until([*night, "--run-dir", str(tmp_path / "whole")], tmp_path)
@@ -111,6 +112,7 @@ def test_sigterm_checkpoints_and_exits_75_then_the_night_resumes(tmp_path):
     assert code == dreamer_ppo.PREEMPTED and "SIGTERM" in err and "--resume" in err
     epoch = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)["progress"]["epoch"]
     assert epoch in (1, 2) and f"[night {epoch + 1}/" not in out  # it stopped at the end of the epoch it was in
+    assert f"the run stops at the end of night epoch {epoch}/{NIGHT_EPOCHS}" in err  # the epoch named
     code, out, err = run_until(stopped, tmp_path)
     assert code == 0 and f"resumed from the checkpoint of night epoch {epoch}" in out, err[-3000:]
     same_run(tmp_path / "whole", tmp_path / "stopped")
@@ -178,9 +180,8 @@ def test_a_non_finite_loss_stops_the_run_naming_its_term(tmp_path, monkeypatch, 
     def with_nan(self, *args):
         original(self, *args)
         getattr(self, module).register_forward_hook(
-            lambda m, i, out: out * float("nan") if dreamer_ppo.Checkpoints.latest else None)
+            lambda m, i, out: out * float("nan") if (tmp_path / "run" / "checkpoint.pt").exists() else None)
 
-    monkeypatch.setattr(dreamer_ppo.Checkpoints, "latest", None)
     monkeypatch.setattr(init, "__init__", with_nan)
     monkeypatch.chdir(tmp_path)
     args = tiny_args(run_dir="run", day_epochs=3, night_epochs=0, checkpoint_every=1, num_envs=5)

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import platform
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -76,6 +77,8 @@ def script_args(module, **changes):
     ("dreamer_ppo", dict(seq_len=5000), "--seq-len", ["--day-steps / --num-envs = 25", "5000"]),
     ("dreamer_ppo", dict(wm_batch_size=5000), "--wm-batch-size", ["--seq-len", "40000", "--day-steps"]),
     ("dreamer_ppo", dict(save_day=True, day_checkpoint=__file__), "--save-day", ["--day-checkpoint"]),
+    ("dreamer_ppo", dict(exp_name="mine/first"), "--exp-name", ["'/'", "'mine/first'"]),
+    ("dreamer_ppo", dict(env_id="pong"), "--env-id", ["coinrun", "'pong'"]),
     ("dreamer_ppo_offline", dict(init_states="collected"), "--init-states", ["no dreams", "'collected'"]),
     ("dreamer_ppo_offline", dict(horizon=25, burn_in=25), "--horizon", ["--burn-in + H + 1 = 51", "--day-epochs 2",
                                                           "gives each environment 50"]),
@@ -202,19 +205,36 @@ def test_time_left_is_estimated_per_phase(monkeypatch, tmp_path, capsys):
     ]
 
 
-@pytest.mark.parametrize("latest, words", [
-    (None, "interrupted: no checkpoint saved yet; the TensorBoard events so far are in runs/run"),
-    (("runs/run/checkpoint.pt", "day epoch 3/4"),
-     "interrupted: the checkpoint of day epoch 3/4 is runs/run/checkpoint.pt; continue with --resume --run-dir runs/run"),
-])
-def test_interrupted_says_what_was_saved(monkeypatch, tmp_path, latest, words):
+def test_a_day_checkpoint_directory_is_refused_naming_its_day_pt(tmp_path):
+    (tmp_path / "day.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        dreamer_ppo.check_args(tiny_args(day_checkpoint=str(tmp_path)))
+    assert str(e.value).startswith("error: --day-checkpoint: ") and repr(str(tmp_path / "day.pt")) in str(e.value)
+
+
+def test_hyperparameters_log_what_the_run_uses(monkeypatch, tmp_path):
+    # not the flags as typed: --cuda on a CPU-only machine runs on the CPU, --run-dir None writes to a folder
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(dreamer_ppo.Logger, "latest", None)
-    monkeypatch.setattr(dreamer_ppo.Checkpoints, "latest", None)
-    assert dreamer_ppo.Logger.interrupted() == "interrupted before the run started: nothing saved"
-    dreamer_ppo.Logger("runs/run", tiny_args(), 4)
-    dreamer_ppo.Checkpoints.latest = latest  # as the run's last checkpoint sets it
-    assert dreamer_ppo.Logger.interrupted() == words
+    dreamer_ppo.Logger("runs/run", tiny_args(cuda=True), 4, device=torch.device("cpu")).writer.close()
+    acc = EventAccumulator(str(tmp_path / "runs" / "run"), size_guidance={"tensors": 0})
+    acc.Reload()
+    text = acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+    for row in ("|cuda|False|", "|device|cpu|", "|run_dir|runs/run|", "|precision|fp32|"):
+        assert row in text
+
+
+@pytest.mark.parametrize("latest, argv, words", [
+    (None, ["dreamer_ppo.py"], "interrupted: no checkpoint saved yet; the TensorBoard events so far are in runs/run"),
+    ("day epoch 3/4", ["dreamer_ppo.py", "--penalty", "0"], "interrupted: the checkpoint of day epoch 3/4 is "
+     "runs/run/checkpoint.pt; continue with: python dreamer_ppo.py --penalty 0 --resume --run-dir runs/run"),
+    ("day epoch 3/4", ["dreamer_ppo.py", "--run-dir=runs/run"], "interrupted: the checkpoint of day epoch 3/4 is "
+     "runs/run/checkpoint.pt; continue with: python dreamer_ppo.py --run-dir=runs/run --resume"),
+])
+def test_interrupted_says_what_was_saved_and_the_command_that_continues(monkeypatch, latest, argv, words):
+    monkeypatch.setattr(sys, "argv", argv)
+    checkpoint = dreamer_ppo.Checkpoints("runs/run", tiny_args(), *[None] * 6)
+    checkpoint.latest = latest  # as the run's last checkpoint sets it
+    assert checkpoint.interrupted() == words
 
 
 @pytest.mark.parametrize("flags, wait_for, saved", [
@@ -236,3 +256,9 @@ def test_ctrl_c_ends_with_one_line_and_code_130(tmp_path, flags, wait_for, saved
     assert last.startswith("interrupted") and saved in last, err[-2000:]
     if "--save-day" in flags:
         assert (tmp_path / last.split(" is ")[1].split(";")[0]).is_file() and "--resume --run-dir runs/" in last
+        # the command given continues the run: the checkpoint accepts its flags
+        argv = shlex.split(last.split("continue with: ")[1])
+        assert argv[:2] == ["python", str(SCRIPT)]
+        args = tyro.cli(dreamer_ppo.Args, args=argv[2:])
+        dreamer_ppo.check_args(args)
+        assert dreamer_ppo.latest_checkpoint(str(tmp_path / args.run_dir), args)["progress"]["phase"] == "day"
