@@ -52,7 +52,7 @@ FINAL = dict(test="final/test_return", test_se="final/test_return_se", train="fi
              train_se="final/train_levels_return_se")
 # the diagnostics: the day's world model on steps it has not trained on (open-loop prediction), and by night the
 # dreams' imagined return beside the real test return
-OPENLOOP = ("reward_error", "reward_recall", "cont_accuracy", "image_mse")
+OPENLOOP = ("reward_error", "reward_recall", "end_recall", "cont_accuracy", "image_mse")
 DREAM_RETURN = "dream/return_mean"
 LAST = 10  # epochs averaged at the end of a phase
 # ProcGen easy mode (R_min, R_max): Cobbe et al. 2020, "Leveraging Procedural Generation to Benchmark RL", App. C
@@ -375,8 +375,8 @@ def diagnostics_table(data, games, methods, ends):
     mean ± 95% CI over seeds."""
     lines = ["The day's world model on steps it has not trained on yet (open-loop: burn-in filtered, then H steps "
              f"predicted with the real actions), the mean of the last {LAST} day epochs:", "",
-             "| game | seeds | reward error | recall of real rewards | continuation accuracy | image MSE |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| game | seeds | reward error | recall of real rewards | recall of real ends | continuation accuracy | "
+             "image MSE |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for game in games:
         days = data[game, DAY].values()
         cells = [fmt([end_score(r, f"openloop/{k}", -np.inf, ends[game]) for r in days]) for k in OPENLOOP]

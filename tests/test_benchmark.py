@@ -421,7 +421,7 @@ def synthetic(tmp_path_factory):
     night lacks seed 3, valdiv's seed 2 is unfinished (no DONE marker), FullDreamer has none. The final evaluation:
     the day's 10 + seed (standard error 0.1; train levels 20 + seed), each night's the day's + FINAL_CHANGE[seed]
     (standard error 0.2; train levels + 1), except the offline night of seed 1 (a run older than it). Diagnostics:
-    the day's open-loop metrics k * seed at the day's epoch k (k = 1, 2, 3, 4 for OPENLOOP's four), every dreaming
+    the day's open-loop metrics k * seed * epoch (k = 1, ..., 5 for OPENLOOP's five), every dreaming
     night's dream return 1, ..., 5 (the offline night has none)."""
     out = tmp_path_factory.mktemp("synthetic")
     for s in (1, 2, 3):
@@ -501,7 +501,7 @@ def test_diagnostics_tables(synthetic):
     cells = {tuple(c[:2]): c[2:] for c in rows if not c[0].isdigit()}  # | game | method | seeds | ...
     # the day: the mean of the last 10 of 15 epochs of k * seed * epoch is k * seed * 10.5; over the seeds 1, 2, 3
     t = stats.t.ppf(0.975, 2) / np.sqrt(3)
-    assert day == [f"{k * 21:.2f} ± {k * 10.5 * t:.2f}" for k in (1, 2, 3)] + [f"{4 * 21:.2f} ± {4 * 10.5 * t:.2f} |"]
+    assert day == [f"{k * 21:.2f} ± {k * 10.5 * t:.2f}" for k in (1, 2, 3, 4)] + [f"{5 * 21:.2f} ± {5 * 10.5 * t:.2f} |"]
     # each dreaming night: dream return 1..5 (first and last 10 epochs: all 5), real test return 2 * seed
     assert cells["RndDreamer", "3"] == ["3.00 ± 0.00", "3.00 ± 0.00", f"4.00 ± {2 * t:.2f}", f"4.00 ± {2 * t:.2f} |"]
     assert ("Offline", "2") not in cells and not any(key[0] == "Offline" for key in cells)
