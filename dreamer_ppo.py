@@ -1467,8 +1467,9 @@ def open_loop(wm, dataset, start, args, device, log, step, epoch):
             h = wm.recurrent(h, z, batch["actions"][:, b + k]).float()
             z = sample_onehot(wm.prior(h), generator)
             feats.append(state_features(h, z))
-        reward, cont = wm.heads(torch.stack(feats, 1))
-        image = wm.decoder(torch.stack(feats, 1)[:B]).float()
+        feats = torch.stack(feats, 1)
+        reward, cont = wm.heads(feats)
+        image = wm.decoder(feats[:B]).float()
     truth = preprocess(batch["obs"][:B, b + 1:])
     real_reward, real_cont = batch["rewards"][:, b: b + H], batch["conts"][:, b: b + H]
     # Step k's reward and continuation can be predicted while the episode has not ended before k; its frame, through k.
