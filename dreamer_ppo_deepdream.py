@@ -162,8 +162,7 @@ class Hyperparameters:
 
 # %% environment
 def make_env(env_id, num_envs, num_levels, seed):
-    """ProcGen, easy mode, auto-resetting: the frame returned with `done` already starts the next level.
-    num_levels=0 is the full distribution of levels (the test environment)."""
+    """ProcGen, easy mode, auto-resetting (the frame returned with `done` starts the next level); num_levels=0: all."""
     return ProcgenEnv(num_envs=num_envs, env_name=env_id, num_levels=num_levels, start_level=0,
                       distribution_mode="easy", rand_seed=seed)
 
@@ -225,8 +224,7 @@ def draw(probs, generator=None):
 
 
 def one_hot(index, n):
-    """F.one_hot(index, n) as floats, without its checks of the indices, which read them back on the CPU (not on
-    CUDA): so the per-step code reads nothing back on either device, which tests/test_agent.py checks on the CPU."""
+    """F.one_hot(index, n) as floats, without its checks of the indices (which read them back on the CPU)."""
     return torch.zeros(*index.shape, n, device=index.device).scatter_(-1, index.long().unsqueeze(-1), 1.0)
 
 
@@ -260,13 +258,6 @@ def native_bf16(device):
     """Whether `device` computes bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX (emulated, it is slower)."""
     cpu_has = (getattr(torch.cpu, f"_is_{name}_supported", lambda: False)() for name in ("avx512_bf16", "amx_tile"))
     return device.type == "cuda" or any(cpu_has)
-
-
-def precision(args, device):
-    """The precision a run computes in, in words."""
-    if args.bf16 and native_bf16(device):
-        return "bf16 mixed precision"
-    return "fp32" + ("" if not args.bf16 else " (this CPU has no native bf16; emulated, it would be slower)")
 
 
 def autocast(device, args):
@@ -330,8 +321,7 @@ class ConvDecoder(nn.Module):
 
     def forward(self, feat):
         x = self.linear(feat.reshape(-1, feat.shape[-1])).reshape(-1, self.depth * 8, 4, 4)
-        # Channels-last, as every later layer gets it (ChannelNorm's LayerNorm leaves it so): oneDNN's deconvolution
-        # is faster on it, the same numbers laid out otherwise.
+        # Channels-last, as ChannelNorm leaves every later layer's input: oneDNN's deconvolution is faster on it.
         x = x.contiguous(memory_format=torch.channels_last)
         return self.deconvs(x).reshape(*feat.shape[:-1], 3, 64, 64)
 
@@ -403,17 +393,15 @@ class WorldModel(nn.Module):
         return h, z
 
     def observe(self, obs, actions, conts, is_first, image=None, generator=None):
-        """Posterior states of B sequences of T steps (step t holds o_t, a_t, r_{t+1}, c_{t+1}): per step h, z, the
-        posterior and prior probabilities, and the features (h_t, z_t), t >= 1, the heads learn r_t and c_t from. After
-        an episode ends ProcGen shows the next level's frame: there z_t comes from the prior, as in a dream."""
+        """Per step of B sequences of T (step t: o_t, a_t, r_{t+1}, c_{t+1}): h, z, posterior, prior, and the features
+        the heads learn r_t, c_t from (t >= 1), with z_t from the prior where a new episode starts, as in a dream."""
         B, T = actions.shape
         embed = self.encoder.embed(preprocess(obs) if image is None else image)
         first = is_first.clone()
         first[:, 0] = True
         h0 = self.initial(B)
-        # Only h_t and z_t feed the recurrence. The posterior's first layer W [h_t, e_t] + b is W_h h_t + (W_e e_t + b),
-        # and the embeddings' share does not depend on h: it is computed once for all B x T steps, as are the
-        # priors p(z_t | h_t) after the loop.
+        # The posterior's first layer W [h_t, e_t] + b = W_h h_t + (W_e e_t + b): the embeddings' share is computed
+        # once for all B x T steps, as are the priors p(z_t | h_t) after the loop.
         w_h, w_e = self.post_net[0].weight.split([self.gru.hidden_size, embed.shape[-1]], 1)
         embed_shares = F.linear(embed, w_e, self.post_net[0].bias).unbind(1)
         h, z = h0, None
@@ -465,7 +453,7 @@ class ReplayDataset:
     KEYS = ("obs", "actions", "rewards", "conts", "is_first", "logprobs")
 
     def __init__(self, num_envs, capacity):
-        self.size = self.saved = 0  # the steps held, and those of them written to disk (`save_new_steps`)
+        self.size = self.saved = 0  # the steps held, and those of them on disk (`save_new_steps`)
         self.data = dict(obs=np.zeros((num_envs, capacity, 64, 64, 3), np.uint8),
                          actions=np.zeros((num_envs, capacity), np.int64),
                          rewards=np.zeros((num_envs, capacity), np.float32),
@@ -499,38 +487,8 @@ class ReplayDataset:
         return {k: v[envs[:, None], index] for k, v in self.data.items()}
 
     def steps(self, start=0):
-        """Steps [start, size) of every environment as tensors (torch.save writes them as raw bytes; numpy arrays it
-        would pickle, at 1.5 times their size)."""
+        """Steps [start, size) of every environment as tensors (which torch.save writes raw, unlike numpy arrays)."""
         return {k: torch.from_numpy(np.ascontiguousarray(v[:, start: self.size])) for k, v in self.data.items()}
-
-    def save_new_steps(self, directory):
-        """Write the steps added since the last call to `directory`, as one chunk file named by its first step: the
-        replay reaches the disk as it grows (once per day epoch), and a checkpoint only notes its size."""
-        if self.size > self.saved:
-            os.makedirs(directory, exist_ok=True)
-            atomic_save(self.steps(self.saved), os.path.join(directory, f"{self.saved:010d}.pt"))
-            self.saved = self.size
-
-    def load(self, directory, size):
-        """Fill this empty dataset with the first `size` steps of the chunks that save_new_steps wrote to `directory`
-        (a chunk past them, written after the checkpoint that counted them, is ignored)."""
-        if self.data["actions"].shape[1] < size:
-            self.data = {k: np.zeros((v.shape[0], size) + v.shape[2:], v.dtype) for k, v in self.data.items()}
-        filled = 0
-        chunks = sorted(name for name in os.listdir(directory) if name.endswith(".pt")) if os.path.isdir(directory) else []
-        for name in chunks:
-            start = int(name.split(".")[0])
-            if start >= size or start > filled:
-                break
-            chunk = torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True)
-            end = min(start + chunk["actions"].shape[1], size)
-            for key in self.KEYS:
-                self.data[key][:, start:end] = chunk[key][:, : end - start].numpy()
-            filled = end
-        if filled < size:
-            raise SystemExit(f"error: the replay in {directory!r} holds {filled} of the {size} steps per environment "
-                             f"that its checkpoint counts; a chunk file is missing")
-        self.size = self.saved = size
 
 
 def to_torch(batch, device):
@@ -551,8 +509,7 @@ class Agent(nn.Module):
         return twohot_decode(self.critic(s), self.bins)
 
     def get_action_and_value(self, s, action=None):
-        """a ~ pi(. | s) (or `action`), log pi(a | s), the entropy, the critic's logits and v(s): Categorical's numbers
-        written out, without its checks (which read them back: two GPU waits per call)."""
+        """a ~ pi(. | s) (or `action`), log pi(a | s), entropy, critic logits, v(s): Categorical without its checks."""
         logits = self.actor(s).float()
         logits = logits - logits.logsumexp(-1, keepdim=True)  # log pi(. | s)
         probs = logits.softmax(-1)
@@ -565,8 +522,7 @@ class Agent(nn.Module):
 
 
 def make_agent_optimizer(agent, lr):
-    """Adam on the agent, the actor's parameters in param_groups[0] and the critic's in param_groups[1]: the same
-    updates as one group, and the Offline night adapts the actor's learning rate apart from the critic's."""
+    """Adam on the agent, the actor in param_groups[0], the critic in [1] (the Offline night sets their rates apart)."""
     return torch.optim.Adam([dict(params=agent.actor.parameters()), dict(params=agent.critic.parameters())], lr=lr)
 
 
@@ -590,8 +546,8 @@ def gae(rewards, values, next_values, discounts, lam, cuts=None):
 
 
 def stack_trajectory(steps, last_value):
-    """Per-step lists to time-first float32 tensors [T, N, ...], with next_values[t] = v(s_{t+1}) (the last from
-    `last_value`; from `bootstrap_values`, a dream's untransformed states, when there are)."""
+    """Per-step lists to time-first float32 tensors [T, N, ...], with next_values[t] = v(s_{t+1}) (a dream's
+    `bootstrap_values` when there are; the last from `last_value`)."""
     traj = {k: torch.stack(v) for k, v in steps.items()}
     traj = {k: v.float() if v.is_floating_point() else v for k, v in traj.items()}
     traj["next_values"] = torch.cat([traj.pop("bootstrap_values", traj["values"])[1:], last_value[None].float()])
@@ -719,19 +675,6 @@ def imagine(wm, agent, h, z, horizon, args, clock=None):
     return traj, stats
 
 
-def log_dream_images(wm, agent, states, args, writer, step, n=4):
-    """Figure 2 for one's own runs: n dream states (rows) decoded before (left) and after (right) their
-    transformation, which is forced here."""
-    s = states[torch.randint(len(states), (n,), device=states.device)]
-    h, z = s[:, : wm.gru.hidden_size], s[:, wm.gru.hidden_size:].reshape(n, wm.C, wm.J)
-    h_new, z_new, _ = transform(h, z, wm, agent, args, force=True)
-    with torch.no_grad(), autocast(s.device, args):
-        images = wm.decoder(torch.cat([state_features(h, z), state_features(h_new, z_new)])).float()
-    images = (images + 0.5).clamp(0, 1)
-    writer.add_image("dream/before_after", torch.cat([torch.cat(list(images[:n]), 1),
-                                                      torch.cat(list(images[n:]), 1)], 2), step)
-
-
 # %% transformation
 def check_transformation_args(args):
     check_rules(args, dict(deepdream_steps="[1, inf)", deepdream_lr="(0, inf)"))
@@ -780,57 +723,6 @@ def transform(h, z, wm, agent, args, force=False):
     if changed.any():
         h[changed], z[changed] = deep_dream(h[changed], z[changed], wm, agent, args)
     return h, z, changed
-
-
-# %% evaluation
-@torch.no_grad()
-def evaluate(wm, agent, args, step, device, episodes=None):
-    """test_return, the mean score of the policy (on posterior states, sampled actions) over the first episode of
-    num_envs x test_repetitions fresh environments on the full level distribution (Table 2; Figures 3-5), played in one
-    batch, and train_levels_return on the N training levels; levels and random numbers from (seed, step) alone, so the
-    returns do not depend on when it runs. `episodes` (step -1): the final evaluation, with standard errors {name}_se."""
-    n = episodes or args.num_envs * args.test_repetitions
-    seed = (args.seed * 1_000_003 + step) % 2**31
-    levels = dict(test_return=0, **(dict(train_levels_return=args.num_levels) if args.eval_train_levels else {}))
-    envs = [make_env(args.env_id, n, num_levels, seed) for num_levels in levels.values()]
-    generator = torch.Generator(device).manual_seed(seed)
-    rows = n * len(envs)
-    obs = torch.as_tensor(np.concatenate([e.reset()["rgb"] for e in envs]), device=device)
-    h, z = wm.initial(rows), torch.zeros(rows, wm.C, wm.J, device=device)
-    action = torch.zeros(rows, dtype=torch.long, device=device)
-    is_first = torch.ones(rows, dtype=torch.bool, device=device)
-    score, first_scores, actions = np.zeros(rows), np.full(rows, np.nan), np.zeros(rows, np.int64)
-    live = np.arange(rows)  # the rows still in their first episode: only they go through the networks
-    finite = torch.ones((), dtype=torch.bool, device=device)  # read once at the end: no wait at every step
-    while len(live):
-        with autocast(device, args):
-            h, z = wm.filter_step(h, z, action, obs, is_first, generator)
-            probs = agent.actor(state_features(h, z)).float().softmax(-1)
-            finite &= probs.isfinite().all()
-            action = draw(probs, generator)
-        actions[live] = action.cpu().numpy()
-        steps = [e.step(a) for e, a in zip(envs, np.split(actions, len(envs)))]
-        next_obs, reward, done = (np.concatenate(x) for x in zip(*[(o["rgb"], r, d) for o, r, d, _ in steps]))
-        score += reward
-        first_end = done & np.isnan(first_scores)
-        first_scores[first_end] = score[first_end]
-        score[done] = 0.0
-        if first_end.any():
-            keep = np.flatnonzero(~first_end[live])
-            live, keep = live[keep], torch.as_tensor(keep, device=device)
-            h, z, action = h[keep], z[keep], action[keep]
-        obs = torch.as_tensor(next_obs[live], device=device)
-        is_first = torch.as_tensor(done[live], device=device)
-    for e in envs:
-        e.close()
-    if not finite:
-        raise SystemExit(f"error: the policy's action probabilities are not finite in the evaluation at step {step}: "
-                         f"no return is recorded for a broken policy; the run stops, and its last checkpoint is kept")
-    scores = dict(zip(levels, np.split(first_scores, len(envs))))
-    returns = {name: float(x.mean()) for name, x in scores.items()}
-    if episodes:
-        returns.update({f"{name}_se": float(x.std(ddof=1) / math.sqrt(len(x))) for name, x in scores.items()})
-    return returns
 
 
 # %% day
@@ -1000,7 +892,7 @@ def needs_replay(args):
     return args.init_states == "collected"
 
 # %% run flags
-# ===== The harness: run flags, checks, checkpoints and resume, logging, evaluation thread, diagnostics, main =====
+# ===== The harness: run flags, checks, checkpoints and resume, logging, evaluation, diagnostics, main =====
 Resumable = Annotated[T, "resumable"]  # a run flag a resumed run may change: how it runs, not what it computes
 
 
@@ -1024,9 +916,8 @@ class Args(Hyperparameters):
     wandb_entity: Resumable[Optional[str]] = None
     """the Weights & Biases entity (team)"""
     run_dir: Resumable[Optional[str]] = None
-    """where the run writes (TensorBoard events, checkpoints, the real data); default
-    runs/{env_id}__{exp_name}[_collected][_night]__{seed}__{time}, made unique. A directory that already holds
-    a run's events (unless --resume), or that a running run is using, is refused"""
+    """where the run writes (events, checkpoints, real data); default runs/{env_id}__{exp_name}[_collected][_night]__
+    {seed}__{time}; refused when another run uses it, or when it holds a run's events (unless --resume)"""
     resume: Resumable[bool] = False
     """continue the run of --run-dir from its last checkpoint (start it when it has none): the same command with
     --resume added; the epochs after that checkpoint are redone (not in the paper)"""
@@ -1034,9 +925,8 @@ class Args(Hyperparameters):
     """write {run_dir}/checkpoint.pt (the one before kept as checkpoint.prev.pt) every this many epochs, at the end
     of the day and of the night, and on SIGTERM or SIGUSR1 (then exit 75); 0: only at those ends (not in the paper)"""
     save_day: bool = False
-    """write the state at the end of the day to {run_dir}/day.pt (models, optimizers, RNG) and keep the real data
-    in {run_dir}/replay/ (12.3 GB at the paper's size; a run without --save-day deletes it at its end), for
-    nights started with --day-checkpoint; not with --day-checkpoint (no day is run)"""
+    """write the end of the day to {run_dir}/day.pt and keep the real data in {run_dir}/replay/ (12.3 GB at the
+    paper's size; deleted at the run's end otherwise), for nights run with --day-checkpoint"""
     day_checkpoint: Optional[str] = None
     """start from a day checkpoint written by any dreamer_ppo*.py script and run only the night"""
     eval_train_levels: bool = True
@@ -1138,7 +1028,7 @@ def wandb_can_log():
         return False
 
 # %% checkpoint
-CHECKPOINT_FORMAT = 2  # checkpoint.pt and day.pt as written here (format 1 held the real data in day_replay.pt)
+CHECKPOINT_FORMAT = 2  # the version of checkpoint.pt and day.pt as written here
 PREEMPTED = 75  # the exit status after SIGTERM or SIGUSR1 and its checkpoint: run the same command with --resume
 
 
@@ -1157,13 +1047,44 @@ def atomic_save(obj, path, previous=None):
 
 
 def replay_dir(run_dir):
-    """Where a run writes its real data D, one chunk file per day epoch (ReplayDataset.save_new_steps)."""
+    """Where a run writes its real data D, one chunk file per day epoch (`save_new_steps`)."""
     return os.path.join(run_dir, "replay")
 
 
 def replay_path(day_path):
     """The real data of the day whose checkpoint is `day_path`, beside it."""
     return replay_dir(os.path.dirname(os.path.abspath(day_path)))
+
+
+def save_new_steps(dataset, directory):
+    """Write the steps added to `dataset` since the last call to `directory`, one chunk named by its first step: the
+    real data reach the disk once per day epoch, and a checkpoint only counts them."""
+    if dataset.size > dataset.saved:
+        os.makedirs(directory, exist_ok=True)
+        atomic_save(dataset.steps(dataset.saved), os.path.join(directory, f"{dataset.saved:010d}.pt"))
+        dataset.saved = dataset.size
+
+
+def load_steps(dataset, directory, size):
+    """Fill the empty `dataset` with the first `size` steps that `save_new_steps` wrote to `directory` (a chunk past
+    them, written after the checkpoint that counted them, is ignored)."""
+    if dataset.data["actions"].shape[1] < size:
+        dataset.data = {k: np.zeros((v.shape[0], size) + v.shape[2:], v.dtype) for k, v in dataset.data.items()}
+    filled = 0
+    chunks = sorted(name for name in os.listdir(directory) if name.endswith(".pt")) if os.path.isdir(directory) else []
+    for name in chunks:
+        start = int(name.split(".")[0])
+        if start >= size or start > filled:
+            break
+        chunk = torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True)
+        end = min(start + chunk["actions"].shape[1], size)
+        for key in dataset.KEYS:
+            dataset.data[key][:, start:end] = chunk[key][:, : end - start].numpy()
+        filled = end
+    if filled < size:
+        raise SystemExit(f"error: the replay in {directory!r} holds {filled} of the {size} steps per environment "
+                         f"that its checkpoint counts; a chunk file is missing")
+    dataset.size = dataset.saved = size
 
 
 def forget_steps_after(directory, size):
@@ -1198,7 +1119,7 @@ class Checkpoints:
         (a checkpoint follows everything logged up to its step), `loop()` gives the day's acting state."""
         self.next_epoch = epoch_after(self.args, phase, epoch)
         if phase == "day":
-            self.dataset.save_new_steps(replay_dir(self.run_dir))
+            save_new_steps(self.dataset, replay_dir(self.run_dir))
         every = self.args.checkpoint_every
         if not (epoch == epochs or (every and epoch % every == 0) or self.signal):
             return
@@ -1320,7 +1241,7 @@ def restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, datase
     agent_optimizer.load_state_dict(ckpt["agent_optimizer"])
     return_scale.value = ckpt["return_scale"]
     if replay is not None:
-        dataset.load(replay, ckpt["progress"]["replay_size"])
+        load_steps(dataset, replay, ckpt["progress"]["replay_size"])
     random.setstate(ckpt["rng"]["python"])
     np.random.set_state(ckpt["rng"]["numpy"])
     torch.set_rng_state(ckpt["rng"]["torch"])
@@ -1348,6 +1269,13 @@ class Stopwatch:
         seconds = time.time() - start
         self.parts[name] = self.parts.get(name, 0.0) + seconds
         self.nested += seconds
+
+
+def precision(args, device):
+    """The precision a run computes in, in words."""
+    if args.bf16 and native_bf16(device):
+        return "bf16 mixed precision"
+    return "fp32" + ("" if not args.bf16 else " (this CPU has no native bf16; emulated, it would be slower)")
 
 
 class Logger:
@@ -1416,6 +1344,56 @@ class Logger:
               flush=True)
 
 
+# %% evaluation
+@torch.no_grad()
+def evaluate(wm, agent, args, step, device, episodes=None):
+    """test_return: the policy's mean score in the first episode of num_envs x test_repetitions environments on all
+    levels (Table 2), and train_levels_return on the N training levels; levels and draws from (seed, step) alone.
+    `episodes` (step -1): the final evaluation's, with standard errors {name}_se."""
+    n = episodes or args.num_envs * args.test_repetitions
+    seed = (args.seed * 1_000_003 + step) % 2**31
+    levels = dict(test_return=0, **(dict(train_levels_return=args.num_levels) if args.eval_train_levels else {}))
+    envs = [make_env(args.env_id, n, num_levels, seed) for num_levels in levels.values()]
+    generator = torch.Generator(device).manual_seed(seed)
+    rows = n * len(envs)
+    obs = torch.as_tensor(np.concatenate([e.reset()["rgb"] for e in envs]), device=device)
+    h, z = wm.initial(rows), torch.zeros(rows, wm.C, wm.J, device=device)
+    action = torch.zeros(rows, dtype=torch.long, device=device)
+    is_first = torch.ones(rows, dtype=torch.bool, device=device)
+    score, first_scores, actions = np.zeros(rows), np.full(rows, np.nan), np.zeros(rows, np.int64)
+    live = np.arange(rows)  # the rows still in their first episode: only they go through the networks
+    finite = torch.ones((), dtype=torch.bool, device=device)  # read once at the end: no wait at every step
+    while len(live):
+        with autocast(device, args):
+            h, z = wm.filter_step(h, z, action, obs, is_first, generator)
+            probs = agent.actor(state_features(h, z)).float().softmax(-1)
+            finite &= probs.isfinite().all()
+            action = draw(probs, generator)
+        actions[live] = action.cpu().numpy()
+        steps = [e.step(a) for e, a in zip(envs, np.split(actions, len(envs)))]
+        next_obs, reward, done = (np.concatenate(x) for x in zip(*[(o["rgb"], r, d) for o, r, d, _ in steps]))
+        score += reward
+        first_end = done & np.isnan(first_scores)
+        first_scores[first_end] = score[first_end]
+        score[done] = 0.0
+        if first_end.any():
+            keep = np.flatnonzero(~first_end[live])
+            live, keep = live[keep], torch.as_tensor(keep, device=device)
+            h, z, action = h[keep], z[keep], action[keep]
+        obs = torch.as_tensor(next_obs[live], device=device)
+        is_first = torch.as_tensor(done[live], device=device)
+    for e in envs:
+        e.close()
+    if not finite:
+        raise SystemExit(f"error: the policy's action probabilities are not finite in the evaluation at step {step}: "
+                         f"no return is recorded for a broken policy; the run stops, and its last checkpoint is kept")
+    scores = dict(zip(levels, np.split(first_scores, len(envs))))
+    returns = {name: float(x.mean()) for name, x in scores.items()}
+    if episodes:
+        returns.update({f"{name}_se": float(x.std(ddof=1) / math.sqrt(len(x))) for name, x in scores.items()})
+    return returns
+
+
 class Evaluator:
     """Each epoch's `evaluate`, logged as charts/* with the epoch's line; with --eval-overlap in a daemon thread (not an
     executor's: Ctrl-C and SIGTERM need not wait for it) on a copy of the epoch's weights while the next epoch trains."""
@@ -1470,7 +1448,7 @@ class Evaluator:
         self.log.scalars("charts", returns, step)
         self.log.progress(phase, epoch, epochs, step, f"test {self.test_return:.2f} {text}")
 
-# %% diagnostics
+
 def final_evaluation(wm, agent, args, device, log, phase, step):
     """The phase's end measured precisely (not in the paper): --final-episodes of each kind on levels drawn from the
     seed alone, the same for a day and its nights; final/* at the phase's last step, and a line."""
@@ -1483,12 +1461,11 @@ def final_evaluation(wm, agent, args, device, log, phase, step):
                           f"{returns[name + '_se']:.2f}" for name in returns if not name.endswith("_se")), flush=True)
 
 
+# %% diagnostics
 @torch.no_grad()
 def open_loop(wm, dataset, start, args, device, log, step, epoch):
-    """The world model's open-loop prediction (DreamerV3's openl) on real windows from steps [start, size), not
-    trained on yet: filter burn_in + 1 frames, then predict H steps with the real actions. openloop/*, over the
-    horizon and at k = 1, 2, 4, ..., H: on B_w uniform windows the reward error, continuation accuracy and image MSE;
-    on those and B_w windows with a reward or an episode's end in their horizon (rare), the recall of both."""
+    """Open-loop prediction (DreamerV3's openl) on windows of steps [start, size), not trained on yet: filter burn_in
+    + 1 frames, predict H steps with the real actions; openloop/* over the horizon and at k = 1, 2, 4, ..., H."""
     b, H, B = args.burn_in, args.horizon, args.wm_batch_size
     length, data = b + 1 + H, dataset.data
     if dataset.size < length:
@@ -1520,6 +1497,7 @@ def open_loop(wm, dataset, start, args, device, log, step, epoch):
     # Step k's reward and continuation can be predicted while the episode has not ended before k; its frame, through k.
     going = torch.cat([torch.ones_like(real_cont[:, :1]), real_cont[:, :-1].cumprod(1)], 1).bool()
     error = (reward.float() - real_reward).abs()
+    # Errors, accuracy and image MSE on the B_w uniform windows; the recalls also on the B_w windows around an event.
     metrics = dict(reward_error=(error[:B], going[:B]),
                    cont_accuracy=(((cont[:B] > 0.5).float() == real_cont[:B]).float(), going[:B]),
                    image_mse=((image - truth).pow(2).mean((-3, -2, -1)), real_cont[:B].cumprod(1).bool()),
@@ -1539,6 +1517,19 @@ def open_loop(wm, dataset, start, args, device, log, step, epoch):
         rows = [x for i in range(min(2, B)) for x in (truth[i] + 0.5, image[i] + 0.5, (image[i] - truth[i]).abs())]
         log.writer.add_image("openloop/truth_prediction_error", torch.cat([torch.cat(list(r), -1) for r in rows], -2)
                              .clamp(0, 1), step)
+
+
+# %% dream images
+def log_dream_images(wm, agent, states, args, writer, step, n=4):
+    """Figure 2 for one's own runs: n dream states (rows) decoded before (left) and after (right) a forced transform."""
+    s = states[torch.randint(len(states), (n,), device=states.device)]
+    h, z = s[:, : wm.gru.hidden_size], s[:, wm.gru.hidden_size:].reshape(n, wm.C, wm.J)
+    h_new, z_new, _ = transform(h, z, wm, agent, args, force=True)
+    with torch.no_grad(), autocast(s.device, args):
+        images = wm.decoder(torch.cat([state_features(h, z), state_features(h_new, z_new)])).float()
+    images = (images + 0.5).clamp(0, 1)
+    writer.add_image("dream/before_after", torch.cat([torch.cat(list(images[:n]), 1),
+                                                      torch.cat(list(images[n:]), 1)], 2), step)
 
 
 # %% main

@@ -12,8 +12,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dreamer_ppo import (ReplayDataset, ReturnScale, atomic_save, check_args, claim_run_dir, read_checkpoint,
-                         random_initial_states, replay_path, restore, run_state)
+from dreamer_ppo import (ReplayDataset, ReturnScale, atomic_save, check_args, claim_run_dir, load_steps, read_checkpoint,
+                         random_initial_states, replay_path, restore, run_state, save_new_steps)
 from conftest import SIZE_FLAGS, crafted_dataset, finish, make_models, make_optimizers, random_batch, run_script, \
     tiny_args
 
@@ -88,7 +88,7 @@ def save_day(path, state, args, dataset=None, **progress):
     """What the end of a day writes with --save-day: day.pt from `state` (models, optimizers, P), the replay
     beside it."""
     if dataset is not None:
-        dataset.save_new_steps(replay_path(path))
+        save_new_steps(dataset, replay_path(path))
     progress = {**dict(phase="day", epoch=args.day_epochs, step=0, test_return=0.0,
                        replay_size=0 if dataset is None else dataset.size), **progress}
     atomic_save(run_state(*state, args, progress), path)
@@ -297,7 +297,7 @@ def test_day_and_night_run(day_runs, init):
     assert ckpt["progress"]["test_return"] == pytest.approx(test_return[DAY_EPOCHS - 1][1])
     # the replay beside it holds the seed episodes and every day step of the 5 environments, a chunk per day epoch
     replay = ReplayDataset(5, 1)
-    replay.load(run["run_dir"] / "replay", ckpt["progress"]["replay_size"])
+    load_steps(replay, run["run_dir"] / "replay", ckpt["progress"]["replay_size"])
     seed_steps = int(next(line for line in run["out"].splitlines() if "seed episodes" in line).split()[0].replace(",", ""))
     assert seed_steps > 0 and replay.size * 5 == seed_steps + day_end
     assert len(list((run["run_dir"] / "replay").iterdir())) == DAY_EPOCHS

@@ -306,21 +306,21 @@ def test_replay_on_disk_in_chunks_reloads_what_a_checkpoint_counts(tmp_path):
     dataset = crafted_dataset(num_envs=2, steps=30, capacity=30)
     for size in (10, 25, 25, 30):  # the ends of four epochs (the third added nothing); a checkpoint at 25
         dataset.size = size
-        dataset.save_new_steps(tmp_path)
+        dreamer_ppo.save_new_steps(dataset, tmp_path)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["0000000000.pt", "0000000010.pt", "0000000025.pt"]
     resumed = ReplayDataset(2, 1)
-    resumed.load(tmp_path, 25)
+    dreamer_ppo.load_steps(resumed, tmp_path, 25)
     assert resumed.size == resumed.saved == 25
     for key, value in full.steps().items():
         assert np.array_equal(resumed.steps()[key], value[:, :25]), key
     dreamer_ppo.forget_steps_after(tmp_path, 25)
     assert sorted(f.name for f in tmp_path.iterdir()) == ["0000000000.pt", "0000000010.pt"]
     resumed.add(**{k: v[:, 25].numpy() for k, v in full.steps().items()})
-    resumed.save_new_steps(tmp_path)
+    dreamer_ppo.save_new_steps(resumed, tmp_path)
     assert (resumed.steps()["actions"] == np.arange(26)).all() and (tmp_path / "0000000025.pt").exists()
     (tmp_path / "0000000010.pt").unlink()  # a chunk lost: the replay cannot hold what the checkpoint counts
     with pytest.raises(SystemExit) as e:
-        ReplayDataset(2, 1).load(tmp_path, 25)
+        dreamer_ppo.load_steps(ReplayDataset(2, 1), tmp_path, 25)
     assert "holds 10 of the 25 steps" in str(e.value) and str(tmp_path) in str(e.value)
 
 
