@@ -156,8 +156,8 @@ class Hyperparameters:
     deepdream_lr: float = 0.1
     """DeepDream step size (Table 2, Eq. 4)"""
     deepdream_step: Literal["normalized", "raw"] = "normalized"
-    """DeepDream's step (Eq. 4): normalized, as in DeepDream (Mordvintsev et al., 2015), adds step size x g / mean|g|
-    per state, for h and for z; raw adds step size x g, which at the paper's step barely moves the state"""
+    """DeepDream's step (Eq. 4): normalized adds step size x g / mean|g| per state, for h and for z (DeepDream's
+    own, Mordvintsev et al., 2015); raw adds step size x g (Eq. 4 as printed), which barely moves the state"""
 
 
 # %% environment
@@ -688,9 +688,9 @@ def deepdream_objective(h, z, wm):
 
 
 def deep_dream(h, z, wm, agent, args):
-    """DeepDream (Eq. 4): `deepdream_steps` ascent steps of size `deepdream_lr` on (h, z) of the objective, z relaxed
-    during the ascent, then one-hot again (argmax); with --deepdream-step normalized each gradient is divided by its
-    mean |entry| per state, for h and z (the raw one barely moves h). Gradients reach only the state."""
+    """DeepDream (Eq. 4): `deepdream_steps` ascent steps of size `deepdream_lr` on (h, z), z relaxed during the
+    ascent and one-hot (argmax) after it; with --deepdream-step normalized, each gradient is divided by its mean
+    |entry| per state. Gradients reach only the state."""
     h, z = h.detach().float(), z.detach().float()
     with torch.enable_grad():
         for _ in range(args.deepdream_steps):

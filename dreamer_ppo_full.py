@@ -158,15 +158,15 @@ class Hyperparameters:
     deepdream_lr: float = 0.1
     """DeepDream step size (Table 2, Eq. 4)"""
     deepdream_step: Literal["normalized", "raw"] = "normalized"
-    """DeepDream's step (Eq. 4): normalized, as in DeepDream (Mordvintsev et al., 2015), adds step size x g / mean|g|
-    per state, for h and for z; raw adds step size x g, which at the paper's step barely moves the state"""
+    """DeepDream's step (Eq. 4): normalized adds step size x g / mean|g| per state, for h and for z (DeepDream's
+    own, Mordvintsev et al., 2015); raw adds step size x g (Eq. 4 as printed), which barely moves the state"""
     valdiv_steps: int = 10
     """value maximization optimization steps (Table 2, Eq. 5)"""
     valdiv_lr: float = 0.5
     """value maximization step size (Table 2, Eq. 5)"""
     valdiv_init_noise: float = 0.01
-    """std of the Gaussian noise on h_inp where the ascent of Eq. 5 starts (not in the paper): at the
-    input state itself the gradient of (v - v_inp)^2 is exactly zero and no state would move"""
+    """std of the Gaussian noise on h_inp where Eq. 5's ascent starts (not in the paper): at h_inp itself the
+    gradient of (v - v_inp)^2 is zero and no state would move"""
 
 
 # %% environment
@@ -693,8 +693,7 @@ def check_transformation_args(args):
 
 def random_swing(h, z, wm, agent, args):
     """Random swing (Eq. 3): h + h_rand with h_rand ~ N(0, I), and each of the C categoricals of z re-drawn
-    uniformly among the J classes with probability p_swing (the draw may give back the same class, so a
-    share p_swing (J - 1) / J of them changes)."""
+    uniformly among its J classes (the same one included) with probability p_swing."""
     classes = z.argmax(-1)
     swing = torch.rand(classes.shape, device=z.device) < args.p_swing
     drawn = torch.randint(z.shape[-1], classes.shape, device=z.device)
@@ -709,9 +708,9 @@ def deepdream_objective(h, z, wm):
 
 
 def deep_dream(h, z, wm, agent, args):
-    """DeepDream (Eq. 4): `deepdream_steps` ascent steps of size `deepdream_lr` on (h, z) of the objective, z relaxed
-    during the ascent, then one-hot again (argmax); with --deepdream-step normalized each gradient is divided by its
-    mean |entry| per state, for h and z (the raw one barely moves h). Gradients reach only the state."""
+    """DeepDream (Eq. 4): `deepdream_steps` ascent steps of size `deepdream_lr` on (h, z), z relaxed during the
+    ascent and one-hot (argmax) after it; with --deepdream-step normalized, each gradient is divided by its mean
+    |entry| per state. Gradients reach only the state."""
     h, z = h.detach().float(), z.detach().float()
     with torch.enable_grad():
         for _ in range(args.deepdream_steps):
@@ -726,8 +725,8 @@ def deep_dream(h, z, wm, agent, args):
 
 def value_diversification(h, z, wm, agent, args):
     """Value diversification (Eq. 5): `valdiv_steps` ascent steps of size `valdiv_lr` on (h, z) of (v(h, z) -
-    v(h_inp, z_inp))^2, from h_inp + N(0, valdiv_init_noise^2) (at h_inp the gradient is zero). The critic sees a one-hot
-    z: a continuous copy accumulates the ascent, straight-through at its projection. Only the state gets gradients."""
+    v(h_inp, z_inp))^2 from h_inp + N(0, valdiv_init_noise^2). The critic sees a one-hot z, straight-through from
+    a continuous copy that accumulates the ascent. Gradients reach only the state."""
     h_inp, z_inp = h.detach().float(), z.detach().float()
     v_inp = agent.value(torch.cat([h_inp, z_inp.flatten(1)], -1)).detach()
     h, z_relaxed = h_inp + args.valdiv_init_noise * torch.randn_like(h_inp), z_inp
@@ -758,9 +757,8 @@ TRANSFORMATIONS = (random_swing, deep_dream, value_diversification)
 
 
 def transform(h, z, wm, agent, args, force=False):
-    """FullDreamer: each dream state is transformed with probability epsilon = 1/H, or all of them when
-    `force`, by one of the three TRANSFORMATIONS drawn uniformly per state. Returns the new (h, z) and the
-    mask of the states it changed."""
+    """FullDreamer: one of the three TRANSFORMATIONS, drawn uniformly per state, of each dream state with
+    probability epsilon = 1/H, or of all of them when `force`. Returns the new (h, z) and the mask it changed."""
     changed = states_to_transform(h, args, force)
     kinds = torch.where(changed, torch.randint(len(TRANSFORMATIONS), (len(h),), device=h.device), -1)
     h, z = h.clone(), z.clone()

@@ -1,34 +1,12 @@
-"""Offline baseline: the same day as the Dreamer baseline, then a night spent on offline PPO over the real
-experience collected by day, encoded by the frozen world model, instead of on dreams. With no dreams, it
-ignores --dream-images-every and refuses --init-states collected.
+"""Offline baseline: the same day as the Dreamer baseline, then a night spent on offline PPO (GePPO, V-trace)
+over the real experience collected by day, encoded by the frozen world model, instead of on dreams. With no
+dreams, it ignores --dream-images-every and refuses --init-states collected.
 
 Paper: "Do Agents Dream of Electric Sheep?" (Franceschelli & Musolesi), Section 5.2 ("an offline adaptation
 of PPO (Queeney et al., 2021)", same hyperparameters), Figure 4; the day is Algorithm 1 with Tables 1-2.
 Usage: python dreamer_ppo_offline.py --env-id coinrun --seed 1
 Where the paper is terse, the choices made (and why) are listed in CHOICES.md, beside this script.
-
-Each night epoch draws U_a B_a windows of --burn-in + H + 1 real steps uniformly from the dataset (the
-prioritized sampling of rewards is the world model's) and computes their posterior states
-(`WorldModel.observe`); the first --burn-in steps only warm up (h, z), so that the states carry a memory of
-the episode like those the agent acts on, and of the last H + 1 steps the first H are the samples, U_a B_a H per night epoch as in a dreaming night, so the x-axis
-means the same; step H only gives the value to bootstrap from. Rewards are those the day stored (shaped),
-gamma and lambda the day's. mu is the behaviour probability of each real action, stored by day (the seed
-episodes' uniform 1/15 included), pi_old the policy when the batch was drawn, pi the policy being trained.
-- GePPO's clipped objective (Queeney et al., 2021): min(r A, clip(r, c - eps, c + eps) A) with r = pi/mu
-  and the clip centred on c = pi_old/mu; when mu = pi_old it is PPO's (Eq. 7).
-- V-trace (Espeholt et al., 2018) with truncation c_bar = rho_bar = 1 and traces lambda min(1, pi_old/mu):
-  A is the advantage of each real action under pi_old, the critic learns the V-trace targets with its two-hot
-  loss (Eq. 8); nothing is bootstrapped across an episode's end or a new episode inside a sequence. When
-  mu = pi_old, A is GAE (Eq. 9). Advantages are divided by max(1, P); the entropy bonus stays.
-- Adaptive learning rate (`--adapt-lr`, on by default; GePPO's): after each night epoch's update, the
-  total-variation distance between pi and pi_old is estimated on the batch as 0.5 E_mu[|pi/mu - pi_old/mu|];
-  the actor's learning rate (the critic's stays at --night-lr) is divided by 1 + --adapt-factor when the
-  distance is above --tv-target (eps/2), multiplied by it when below half the target.
-- Tiny behaviour probabilities: the ratios pi/mu and pi_old/mu are computed in log space and capped at
-  --max-ratio, so no mu (not even 0) makes them overflow, and a sample at the cap gets no policy gradient
-  (its term is a constant) rather than one that swamps the batch; the V-trace weights min(1, pi_old/mu)
-  lie in [0, 1] whatever mu. `offline/tiny_mu_frac` is the share of samples with mu < 1/--max-ratio, the
-  only ones whose ratio can reach the cap.
+mu: the day's policy that chose each real action; pi_old: the policy when a night batch is drawn; pi: the one trained.
 """
 
 # %% imports
@@ -178,16 +156,14 @@ class Hyperparameters:
     # %% transformation args
     # The offline night: GePPO (Queeney et al., 2021) on the collected data instead of dreams
     adapt_lr: bool = True
-    """GePPO's adaptive learning rate: after each night epoch the actor's learning rate is divided by
-    1 + adapt_factor when the estimated TV distance between pi and pi_old is above tv_target, and multiplied
-    by it when below half the target"""
+    """GePPO's adaptive learning rate: after each night epoch, the actor's learning rate is divided by 1 + adapt_factor
+    when the estimated TV distance between pi and pi_old is above tv_target, multiplied by it below tv_target / 2"""
     tv_target: float = 0.1
     """target TV distance between pi and pi_old per night epoch (GePPO: eps / 2)"""
     adapt_factor: float = 0.03
     """step of the adaptive learning rate (GePPO)"""
     max_ratio: float = 100.0
-    """cap on the importance ratios pi/mu and pi_old/mu (taken in log space); a sample at the cap gets no
-    policy gradient"""
+    """cap on the importance ratios pi/mu and pi_old/mu (in log space); a sample at the cap gets no policy gradient"""
 
 
 # %% environment
@@ -670,9 +646,8 @@ def capped_ratio(logprob, behaviour_logprob, max_ratio):
 
 
 def geppo_loss(logprob, old_logprob, behaviour_logprob, advantages, clip_coef, max_ratio):
-    """GePPO's clipped objective (Queeney et al., 2021) as a loss per sample: -min(r A, clip(r, c - eps,
-    c + eps) A) with r = pi/mu and the clip centred on c = pi_old/mu. With mu = pi_old, c = 1: PPO's Eq. 7.
-    Returns the loss, r and c."""
+    """GePPO's clipped objective (Queeney et al., 2021) as a loss per sample, -min(r A, clip(r, c - eps, c + eps) A)
+    with r = pi/mu and c = pi_old/mu (with mu = pi_old, PPO's Eq. 7). Returns the loss, r and c."""
     ratio = capped_ratio(logprob, behaviour_logprob, max_ratio)
     center = capped_ratio(old_logprob, behaviour_logprob, max_ratio)
     clipped = torch.clamp(ratio, center - clip_coef, center + clip_coef)
@@ -680,9 +655,9 @@ def geppo_loss(logprob, old_logprob, behaviour_logprob, advantages, clip_coef, m
 
 
 def vtrace(rewards, values, next_values, discounts, lam, log_rhos):
-    """V-trace (Espeholt et al., 2018), c_bar = rho_bar = 1, over time-first tensors [T, N] for pi_old on data of mu:
-    rho_t = min(1, pi_old / mu) from log_rhos, traces lambda rho_t. Returns the advantages A_t = delta_t + d_t lambda
-    rho_{t+1} A_{t+1} and the targets v(s_t) + rho_t A_t; with every rho = 1, GAE (Eq. 9) and A_t + v(s_t)."""
+    """V-trace (Espeholt et al., 2018) with c_bar = rho_bar = 1 for pi_old on data of mu, time-first [T, N]: with
+    rho_t = min(1, pi_old / mu), the advantages A_t = delta_t + d_t lambda rho_{t+1} A_{t+1} and the targets
+    v(s_t) + rho_t A_t (with every rho = 1, GAE's Eq. 9)."""
     rhos = log_rhos.clamp(max=0).exp()
     advantages = torch.zeros_like(rewards)
     last, next_rho = torch.zeros_like(rewards[0]), torch.ones_like(rewards[0])
@@ -744,10 +719,9 @@ def geppo_objective(logprob, mb, advantages, args):
 
 
 def train_offline(agent, optimizer, return_scale, traj, args, device):
-    """V-trace on a batch of real sequences (time-first, from `offline_sequences`), GePPO (`ppo_update` with
-    `geppo_objective`, every sample weighing the same), then the TV distance between pi and pi_old on the
-    batch and, with --adapt-lr, the actor's next learning rate. Returns the losses and the `offline/*`
-    statistics."""
+    """V-trace and GePPO (`ppo_update` with `geppo_objective`) on a batch from `offline_sequences`, then the TV
+    distance between pi and pi_old and, with --adapt-lr, the actor's next learning rate. Returns the losses and
+    the `offline/*` statistics."""
     log_rhos = traj["old_logprobs"] - traj["behaviour_logprobs"]
     advantages, targets = vtrace(traj["rewards"], traj["values"], traj["next_values"],
                                  args.day_gamma * traj["conts"], args.gae_lambda, log_rhos)
@@ -893,10 +867,9 @@ def play_seed_episodes(args, wm, dataset, envs, device):
 
 # %% offline night
 def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, step, checkpoint=None, epoch=0):
-    """The Offline baseline's night: E_n epochs of GePPO on U_a B_a real sequences of H steps encoded by the
-    frozen world model (U_a B_a H samples, the x-axis of a dreaming night), and an evaluation; `checkpoint` at the
-    end of each epoch. Resumed, the epochs after `epoch`. The agent's Adam keeps its moments from the day; its
-    actor group's learning rate adapts (--adapt-lr), the critic's stays."""
+    """The Offline baseline's night: E_n epochs of GePPO on U_a B_a real sequences of H steps, each followed by an
+    evaluation and `checkpoint`; resumed, the epochs after `epoch`. Adam keeps its moments from the day; the
+    actor's learning rate adapts (--adapt-lr), the critic's stays at --night-lr."""
     wm.requires_grad_(False)
     if epoch == 0:  # a resumed night keeps the learning rates restored with its optimizer
         for group in agent_optimizer.param_groups:

@@ -1,5 +1,5 @@
 """RndDreamer: the Dreamer baseline whose dream states each get, with probability 1/H, a random swing
-(Eq. 3): Gaussian noise on h, and some categoricals of z re-drawn at random (the sudden changes of dreams).
+(Eq. 3): Gaussian noise on h, and some categoricals of z re-drawn at random.
 
 Paper: "Do Agents Dream of Electric Sheep?" (Franceschelli & Musolesi), Section 4.1, Eq. 3, Figures 4-5.
 Usage: python dreamer_ppo_random.py --env-id coinrun --seed 1
@@ -677,8 +677,7 @@ def check_transformation_args(args):
 
 def random_swing(h, z, wm, agent, args):
     """Random swing (Eq. 3): h + h_rand with h_rand ~ N(0, I), and each of the C categoricals of z re-drawn
-    uniformly among the J classes with probability p_swing (the draw may give back the same class, so a
-    share p_swing (J - 1) / J of them changes)."""
+    uniformly among its J classes (the same one included) with probability p_swing."""
     classes = z.argmax(-1)
     swing = torch.rand(classes.shape, device=z.device) < args.p_swing
     drawn = torch.randint(z.shape[-1], classes.shape, device=z.device)

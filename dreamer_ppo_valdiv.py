@@ -1,7 +1,5 @@
 """ValDreamer: the Dreamer baseline whose dream states are each, with probability 1/H, moved by value
-diversification (Eq. 5): gradient ascent on (h, z) of the squared change of the critic's value. The ascent
-starts from a little noise on h (at the input state the gradient is zero), and z stays one-hot for the
-critic through a continuous copy that accumulates the ascent (straight-through at its one-hot projection).
+diversification (Eq. 5): gradient ascent on (h, z) of the squared change of the critic's value.
 
 Paper: "Do Agents Dream of Electric Sheep?" (Franceschelli & Musolesi), Section 4.1, Eq. 5, Table 2,
 Figures 4-5. Usage: python dreamer_ppo_valdiv.py --env-id coinrun --seed 1
@@ -158,8 +156,8 @@ class Hyperparameters:
     valdiv_lr: float = 0.5
     """value maximization step size (Table 2, Eq. 5)"""
     valdiv_init_noise: float = 0.01
-    """std of the Gaussian noise on h_inp where the ascent of Eq. 5 starts (not in the paper): at the
-    input state itself the gradient of (v - v_inp)^2 is exactly zero and no state would move"""
+    """std of the Gaussian noise on h_inp where Eq. 5's ascent starts (not in the paper): at h_inp itself the
+    gradient of (v - v_inp)^2 is zero and no state would move"""
 
 
 # %% environment
@@ -685,8 +683,8 @@ def check_transformation_args(args):
 
 def value_diversification(h, z, wm, agent, args):
     """Value diversification (Eq. 5): `valdiv_steps` ascent steps of size `valdiv_lr` on (h, z) of (v(h, z) -
-    v(h_inp, z_inp))^2, from h_inp + N(0, valdiv_init_noise^2) (at h_inp the gradient is zero). The critic sees a one-hot
-    z: a continuous copy accumulates the ascent, straight-through at its projection. Only the state gets gradients."""
+    v(h_inp, z_inp))^2 from h_inp + N(0, valdiv_init_noise^2). The critic sees a one-hot z, straight-through from
+    a continuous copy that accumulates the ascent. Gradients reach only the state."""
     h_inp, z_inp = h.detach().float(), z.detach().float()
     v_inp = agent.value(torch.cat([h_inp, z_inp.flatten(1)], -1)).detach()
     h, z_relaxed = h_inp + args.valdiv_init_noise * torch.randn_like(h_inp), z_inp
