@@ -54,6 +54,8 @@ FINAL = dict(test="final/test_return", test_se="final/test_return_se", train="fi
 # dreams' imagined return beside the real test return
 OPENLOOP = ("reward_error", "reward_recall", "end_recall", "cont_accuracy", "image_mse")
 DREAM_RETURN = "dream/return_mean"
+# how far each PPO update moves the policy, by day and by night
+POLICY_MOVES = ("losses/approx_kl", "losses/clipfrac")
 LAST = 10  # epochs averaged at the end of a phase
 # ProcGen easy mode (R_min, R_max): Cobbe et al. 2020, "Leveraging Procedural Generation to Benchmark RL", App. C
 EASY_RANGES = {"coinrun": (5, 10), "starpilot": (2.5, 64), "caveflyer": (3.5, 12), "dodgeball": (1.5, 19),
@@ -73,7 +75,8 @@ CSV_COLUMNS = ("game", "method", "seed", "day_final", "day_final_se", "night_fin
                "night_last10")
 
 
-def read_run(path, tags=(TEST, TRAIN, *FINAL.values(), *(f"openloop/{k}" for k in OPENLOOP), DREAM_RETURN)):
+def read_run(path, tags=(TEST, TRAIN, *FINAL.values(), *(f"openloop/{k}" for k in OPENLOOP), DREAM_RETURN,
+                         *POLICY_MOVES)):
     """{tag: (steps, values)} of a finished run (every scalar tag for tags=None), or None."""
     if not (path / DONE).exists():
         return None
@@ -163,13 +166,13 @@ def seed_scores(data, game, method, end):
     return scores
 
 
-def fmt(values):
+def fmt(values, digits=2):
     values = np.asarray(values, float)
     values = values[~np.isnan(values)]
     if not len(values):
         return "missing"
     mean, half = mean_ci(values)
-    return f"{mean:.2f}" + (f" ± {half:.2f}" if len(values) > 1 else "")
+    return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if len(values) > 1 else "")
 
 
 def smoothed(values, k):
@@ -370,9 +373,9 @@ def seeds_needed(changes, delta=1.0, power=0.8):
 
 
 def diagnostics_table(data, games, methods, ends):
-    """The world model at the day's end (open-loop prediction, the mean of the last LAST day epochs) and, per night,
-    the dreams' imagined return and the real test return over its first and its last LAST epochs; per seed, then
-    mean ± 95% CI over seeds."""
+    """The world model at the day's end (open-loop prediction, the mean of the last LAST day epochs); per night, the
+    dreams' imagined return and the real test return over its first and its last LAST epochs, and how far its PPO
+    updates move the policy beside the day's; per seed, then mean ± 95% CI over seeds."""
     lines = ["The day's world model on steps it has not trained on yet (open-loop: burn-in filtered, then H steps "
              f"predicted with the real actions), the mean of the last {LAST} day epochs:", "",
              "| game | seeds | reward error | recall of real rewards | recall of real ends | continuation accuracy | "
@@ -393,6 +396,19 @@ def diagnostics_table(data, games, methods, ends):
                 cells = [fmt([(phase(r, tag, ends[game], np.inf)[1][which]).mean() for r in runs])
                          for tag in (DREAM_RETURN, TEST) for which in (slice(0, LAST), slice(-LAST, None))]
                 lines.append(f"| {game} | {LABELS[m]} | {len(runs)} | " + " | ".join(cells) + " |")
+    lines += ["", f"How far each PPO update moves the policy: the approximate KL between the policy before and after "
+              f"(`{POLICY_MOVES[0]}`) and the share of clipped ratios (`{POLICY_MOVES[1]}`), the day's last {LAST} "
+              "epochs beside each night's mean over all its epochs, over the seeds that have both:", "",
+              "| game | method | seeds | approx. KL, day | approx. KL, night | clip fraction, day | "
+              "clip fraction, night |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for game in games:
+        for m in methods:
+            seeds = [s for s, r in data[game, m].items() if POLICY_MOVES[0] in r and s in data[game, DAY]]
+            if seeds:
+                cells = [fmt([end_score(data[game, DAY][s], tag, -np.inf, ends[game]) if who == DAY else
+                              phase(data[game, m][s], tag, ends[game], np.inf)[1].mean() for s in seeds], digits=4)
+                         for tag in POLICY_MOVES for who in (DAY, m)]
+                lines.append(f"| {game} | {LABELS[m]} | {len(seeds)} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 

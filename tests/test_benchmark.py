@@ -422,14 +422,16 @@ def synthetic(tmp_path_factory):
     the day's 10 + seed (standard error 0.1; train levels 20 + seed), each night's the day's + FINAL_CHANGE[seed]
     (standard error 0.2; train levels + 1), except the offline night of seed 1 (a run older than it). Diagnostics:
     the day's open-loop metrics k * seed * epoch (k = 1, ..., 5 for OPENLOOP's five), every dreaming
-    night's dream return 1, ..., 5 (the offline night has none)."""
+    night's dream return 1, ..., 5 (the offline night has none); the approximate KL and clip fraction of the day's
+    updates 0.01 * seed and 0.1 * seed (the first 5 epochs: 1), of every night's 0.001 * seed and 0.01 * seed."""
     out = tmp_path_factory.mktemp("synthetic")
     for s in (1, 2, 3):
         day = [100.0] * 5 + [float(s)] * 10
         write_run(runner.run_dir(out, "coinrun", runner.DAY, s), day, [v + 1 for v in day],
                   final=dict(test=10.0 + s, test_se=0.1, train=20.0 + s, train_se=0.1),
-                  extra={f"openloop/{name}": [k * s * e for e in range(1, 16)]
-                         for k, name in enumerate(plot.OPENLOOP, 1)})
+                  extra={**{f"openloop/{name}": [k * s * e for e in range(1, 16)]
+                            for k, name in enumerate(plot.OPENLOOP, 1)},
+                         **{tag: [1.0] * 5 + [x * s] * 10 for tag, x in zip(plot.POLICY_MOVES, (0.01, 0.1))}})
         for m in ("dreamer_random", "dreamer_collected", "rnd", "deepdream", "valdiv", "offline"):
             if (m, s) == ("offline", 3):
                 continue
@@ -437,7 +439,8 @@ def synthetic(tmp_path_factory):
             final = dict(test=10.0 + s + FINAL_CHANGE[s], test_se=0.2, train=21.0 + s, train_se=0.2)
             write_run(runner.run_dir(out, "coinrun", m, s), night, [v + 0.5 for v in night], first=float(s),
                       step0=DAY_END, every=400, final=None if (m, s) == ("offline", 1) else final,
-                      extra={} if m == "offline" else {plot.DREAM_RETURN: [1.0, 2.0, 3.0, 4.0, 5.0]})
+                      extra={**({} if m == "offline" else {plot.DREAM_RETURN: [1.0, 2.0, 3.0, 4.0, 5.0]}),
+                             **{tag: [x * s] * 5 for tag, x in zip(plot.POLICY_MOVES, (0.001, 0.01))}})
     (runner.run_dir(out, "coinrun", "valdiv", 2) / runner.DONE).unlink()
     (out / "random_scores.json").write_text(json.dumps({"coinrun": {"episodes": 100, "score": 2.5}}))
     assert plot.main(["--out", str(out), "--envs", "coinrun", "--seeds", "1", "2", "3", "--reps", "200", "--csv",
@@ -495,7 +498,7 @@ def test_final_evaluation_paired_by_seed(synthetic):
 
 def test_diagnostics_tables(synthetic):
     table = (synthetic / "figures" / "results.md").read_text()
-    section = table[table.index("## Diagnostics"):]
+    section, moves = table[table.index("## Diagnostics"):].split("How far each PPO update moves the policy")
     rows = [line.split(" | ")[1:] for line in section.splitlines() if line.startswith("| coinrun | ")]
     day = next(c[1:] for c in rows if c[0] == "3")  # | game | seeds | ...
     cells = {tuple(c[:2]): c[2:] for c in rows if not c[0].isdigit()}  # | game | method | seeds | ...
@@ -505,6 +508,15 @@ def test_diagnostics_tables(synthetic):
     # each dreaming night: dream return 1..5 (first and last 10 epochs: all 5), real test return 2 * seed
     assert cells["RndDreamer", "3"] == ["3.00 ± 0.00", "3.00 ± 0.00", f"4.00 ± {2 * t:.2f}", f"4.00 ± {2 * t:.2f} |"]
     assert ("Offline", "2") not in cells and not any(key[0] == "Offline" for key in cells)
+    # how far the updates move the policy: the day's last 10 epochs (0.01 * seed, 0.1 * seed) beside the night's
+    moved = {c[0]: c[1:] for c in (line.split(" | ")[1:] for line in moves.splitlines()
+                                   if line.startswith("| coinrun | "))}
+    assert moved["RndDreamer"] == ["3", f"0.0200 ± {0.01 * t:.4f}", f"0.0020 ± {0.001 * t:.4f}",
+                                   f"0.2000 ± {0.1 * t:.4f}", f"0.0200 ± {0.01 * t:.4f} |"]
+    t2 = stats.t.ppf(0.975, 1) * np.std([1, 2], ddof=1) / np.sqrt(2)
+    assert moved["Offline"] == ["2", f"0.0150 ± {0.01 * t2:.4f}", f"0.0015 ± {0.001 * t2:.4f}",
+                                f"0.1500 ± {0.1 * t2:.4f}", f"0.0150 ± {0.01 * t2:.4f} |"]
+    assert "FullDreamer" not in moved
 
 
 def test_final_csv(synthetic):
