@@ -14,7 +14,8 @@ and exits 1), and writes to OUT/figures:
   of that phase's last 10 epochs), mean ± 95% CI (t) over seeds, the change over the night (paired by
   seed), the train-minus-test gap at both ends, and how many seeds it has; missing runs are named. Then the
   final evaluation, where the runs have it (`final/*`: each phase's final agent on levels fixed by the seed, the
-  same for a day and its nights): day, night and their change paired by seed. Then the aggregate over games.
+  same for a day and its nights): day, night and their change paired by seed. Then the paper's claims judged on
+  those paired changes (held / not held / cannot tell), the diagnostics, and the aggregate over games.
 - final.csv (and --csv PATH): one row per (game, method, seed) of the nights: the final evaluation of the day
   and of the night (with standard errors), on test and train levels, and each phase's mean of its last 10
   epochs; an empty field where a value is missing.
@@ -361,6 +362,61 @@ def final_table(rows):
                     "Student's t) with the spread of the changes seen here.", ""]
 
 
+DREAMERS = ("rnd", "deepdream", "valdiv")  # the paper's three variants, "our variants" of its claims
+# The paper's claims on the sparse games (Section 5.3, Figures 3-4), each as comparisons of final test returns paired
+# by seed: (claim, [(comparison, the method measured, what it is measured against)], the gain a night must show).
+CLAIMS = (("The nights raise the test return above the day's end (Fig. 4)",
+           [(f"{LABELS[m]} − day", m, DAY) for m in (*DREAMERS, "full", "dreamer_random")], 1.0),
+          ("The dreamers beat plain imagination by a small margin (Fig. 4)",
+           [(f"{LABELS[m]} − {LABELS['dreamer_random']}", m, "dreamer_random") for m in DREAMERS], 0.0),
+          ("Offline gives part (about half) of the dreamers' gain (Fig. 4)",
+           [("Offline − day", "offline", DAY), ("the three dreamers' mean − Offline", DREAMERS, "offline")], 0.0),
+          ("Random initial states beat collected ones (Fig. 3)",
+           [(f"{LABELS['dreamer_random']} − {LABELS['dreamer_collected']}", "dreamer_random", "dreamer_collected")],
+           0.0))
+
+
+def verdict(changes, gain=0.0):
+    """The claim of a positive change judged on the 95% interval (Student's t) of `changes`: held above 0, not held
+    below 0, and (with gain > 0) "no gain of {gain}" when it lies below that gain; else cannot tell."""
+    changes = np.asarray(changes, float)
+    if len(changes) < 2:
+        return "cannot tell (one seed)" if len(changes) else "missing"
+    mean, half = mean_ci(changes)
+    if mean - half > 0:
+        return "held"
+    if mean + half < 0:
+        return "not held (a loss)"
+    return f"not held (no gain of {gain:g})" if gain and mean + half < gain else "cannot tell"
+
+
+def claims_table(rows):
+    """The CLAIMS judged per game on the final evaluation's test returns: each comparison's change paired by seed,
+    mean ± 95% CI over the seeds that have both sides, and its verdict."""
+    day = {(r["game"], r["seed"]): r["day_final"] for r in rows if not np.isnan(r["day_final"])}
+    night = {(r["game"], r["method"], r["seed"]): r["night_final"] for r in rows}
+
+    def value(game, method, seed):
+        """The seed's final test return of the day, of a night, or the mean of several nights'."""
+        if isinstance(method, tuple):
+            return np.mean([value(game, m, seed) for m in method])
+        return day.get((game, seed), np.nan) if method == DAY else night.get((game, method, seed), np.nan)
+
+    lines = ["Each comparison is a change of the final test return paired by seed (the same 500 levels), mean ± 95% CI "
+             "(Student's t) over the seeds that have both sides. Verdict: held when the interval lies above 0, not "
+             "held when below 0 (a loss) or, for the nights' own gain, below 1 point (the gain the study is sized "
+             "to find); otherwise cannot tell.", "",
+             "| game | claim | comparison | seeds | change | verdict |", "| --- | --- | --- | --- | --- | --- |"]
+    for game in dict.fromkeys(r["game"] for r in rows):
+        seeds = sorted({r["seed"] for r in rows if r["game"] == game})
+        for claim, comparisons, gain in CLAIMS:
+            for name, method, against in comparisons:
+                changes = [c for s in seeds if not np.isnan(c := value(game, method, s) - value(game, against, s))]
+                lines.append(f"| {game} | {claim} | {name} | {len(changes)} | {fmt(changes)} | "
+                             f"{verdict(changes, gain)} |")
+    return lines + [""]
+
+
 def seeds_needed(changes, delta=1.0, power=0.8):
     """The seeds a paired change of `delta` needs to be found at 95% confidence with `power`, with the spread of
     `changes` (Student's t, two-sided): the least n with (t_0.975 + t_power; n - 1) sd / sqrt(n) <= delta."""
@@ -458,6 +514,7 @@ def main(argv=None):
     for path in (figures / "final.csv", *([args.csv] if args.csv else [])):
         write_csv(rows, path)
     lines += ["## Final evaluation (the same levels for the day and its nights)", "", *final_table(rows)]
+    lines += ["## The paper's claims", "", *claims_table(rows)]
     lines += ["## Diagnostics", "", *diagnostics_table(data, args.envs, methods, ends)]
     result = aggregate(finals, args.envs, args.reps)
     if result:

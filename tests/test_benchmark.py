@@ -519,6 +519,32 @@ def test_diagnostics_tables(synthetic):
     assert "FullDreamer" not in moved
 
 
+def test_claims_judged_on_paired_changes(synthetic):
+    """Each claim's comparisons paired by seed on the final test returns, and the verdict from their interval."""
+    table = (synthetic / "figures" / "results.md").read_text()
+    section = table[table.index("## The paper's claims"):table.index("## Diagnostics")]
+    rows = {cells[1]: cells[2:] for cells in (line.split(" | ")[1:] for line in section.splitlines()
+                                              if line.startswith("| coinrun | "))}
+    t = stats.t.ppf(0.975, 2) / np.sqrt(3)
+    change = t * np.std([0.5, 1.5, 4.0], ddof=1)  # every night ends FINAL_CHANGE[seed] above its day
+    assert rows["RndDreamer − day"] == ["3", f"2.00 ± {change:.2f}", "cannot tell |"]
+    # the nights of a seed end equal: a change of exactly 0 on every seed is no evidence either way
+    assert rows["ValDreamer − Dreamer (random init.)"] == ["2", "0.00 ± 0.00", "cannot tell |"]
+    assert rows["Offline − day"] == ["1", "1.50", "cannot tell (one seed) |"]  # seed 2 alone has both
+    assert rows["FullDreamer − day"] == ["0", "missing", "missing |"]
+    # seed 1's Offline has no final evaluation, seed 2's ValDreamer is unfinished, seed 3 has no Offline night
+    assert rows["the three dreamers' mean − Offline"] == ["0", "missing", "missing |"]
+
+
+def test_verdict_from_the_interval():
+    assert plot.verdict([0.8, 1.0, 1.2]) == "held"  # mean 1, CI 1 ± 0.50
+    assert plot.verdict([-0.8, -1.0, -1.2], gain=1.0) == "not held (a loss)"
+    assert plot.verdict([0.1, -0.1, 0.0], gain=1.0) == "not held (no gain of 1)"  # CI 0 ± 0.25: below 1
+    assert plot.verdict([0.1, -0.1, 0.0]) == "cannot tell"
+    assert plot.verdict([2.0, -2.0, 0.5], gain=1.0) == "cannot tell"
+    assert plot.verdict([3.0]) == "cannot tell (one seed)" and plot.verdict([]) == "missing"
+
+
 def test_final_csv(synthetic):
     """One row per (game, method, seed) of the nights; an empty field where a value is missing."""
     text = (synthetic / "figures" / "final.csv").read_text()
