@@ -892,8 +892,8 @@ class Args(Hyperparameters):
     wandb_entity: Resumable[Optional[str]] = None
     """the Weights & Biases entity (team)"""
     run_dir: Resumable[Optional[str]] = None
-    """where the run writes (events, checkpoints, real data); default runs/{env_id}__{exp_name}[_collected][_night]__
-    {seed}__{time}; refused when another run uses it, or when it holds a run's events (unless --resume)"""
+    """where the run writes (events, checkpoints, real data), refused when another run uses it or when it holds a
+    run's events (unless --resume); default runs/{env_id}__{exp_name}[_collected][_night]__{seed}__{time}"""
     resume: Resumable[bool] = False
     """continue the run of --run-dir from its last checkpoint (start it when it has none): the same command with
     --resume added; the epochs after that checkpoint are redone (not in the paper)"""
