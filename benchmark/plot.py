@@ -445,27 +445,32 @@ def diagnostics_table(data, games, methods, ends):
               "does not is the agent exploiting the world model.", "",
               "| game | method | seeds | dream return, first | dream return, last | real test return, first | "
               "real test return, last |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for game in games:
-        for m in methods:
-            runs = [r for r in data[game, m].values() if DREAM_RETURN in r]
-            if runs:
-                cells = [fmt([(phase(r, tag, ends[game], np.inf)[1][which]).mean() for r in runs])
-                         for tag in (DREAM_RETURN, TEST) for which in (slice(0, LAST), slice(-LAST, None))]
-                lines.append(f"| {game} | {LABELS[m]} | {len(runs)} | " + " | ".join(cells) + " |")
+    lines += night_rows(data, games, methods, DREAM_RETURN, lambda game, days, nights: [
+        fmt([phase(r, tag, ends[game], np.inf)[1][which].mean() for r in nights])
+        for tag in (DREAM_RETURN, TEST) for which in (slice(0, LAST), slice(-LAST, None))])
     lines += ["", f"How far each PPO update moves the policy: the approximate KL between the policy before and after "
               f"(`{POLICY_MOVES[0]}`) and the share of clipped ratios (`{POLICY_MOVES[1]}`), the day's last {LAST} "
               "epochs beside each night's mean over all its epochs, over the seeds that have both:", "",
               "| game | method | seeds | approx. KL, day | approx. KL, night | clip fraction, day | "
               "clip fraction, night |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += night_rows(data, games, methods, POLICY_MOVES[0], lambda game, days, nights: [
+        fmt([end_score(r, tag, -np.inf, ends[game]) for r in days] if who == DAY else
+            [phase(r, tag, ends[game], np.inf)[1].mean() for r in nights], digits=4)
+        for tag in POLICY_MOVES for who in (DAY, "night")])
+    return lines + [""]
+
+
+def night_rows(data, games, methods, tag, cells):
+    """A table row per game and night method over the seeds whose night logged `tag` and whose day finished:
+    `cells(game, their days' scalars, their nights' scalars)` after the game, the method and the seed count."""
+    lines = []
     for game in games:
         for m in methods:
-            seeds = [s for s, r in data[game, m].items() if POLICY_MOVES[0] in r and s in data[game, DAY]]
+            seeds = [s for s, r in data[game, m].items() if tag in r and s in data[game, DAY]]
             if seeds:
-                cells = [fmt([end_score(data[game, DAY][s], tag, -np.inf, ends[game]) if who == DAY else
-                              phase(data[game, m][s], tag, ends[game], np.inf)[1].mean() for s in seeds], digits=4)
-                         for tag in POLICY_MOVES for who in (DAY, m)]
-                lines.append(f"| {game} | {LABELS[m]} | {len(seeds)} | " + " | ".join(cells) + " |")
-    return lines + [""]
+                days, nights = ([data[game, who][s] for s in seeds] for who in (DAY, m))
+                lines.append(f"| {game} | {LABELS[m]} | {len(seeds)} | " + " | ".join(cells(game, days, nights)) + " |")
+    return lines
 
 
 def write_csv(rows, path):

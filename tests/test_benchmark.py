@@ -536,6 +536,17 @@ def test_claims_judged_on_paired_changes(synthetic):
     assert rows["the three dreamers' mean − Offline"] == ["0", "missing", "missing |"]
 
 
+def test_claims_compare_a_mean_of_nights_with_another_night():
+    """The dreamers' mean is taken per seed over RndDreamer, DeepDreamer and ValDreamer, then paired with Offline."""
+    night = dict(rnd=1.0, deepdream=2.0, valdiv=6.0, offline=0.5)  # + seed: the dreamers' mean - Offline is 2.5
+    rows = [dict(game="coinrun", method=m, seed=s, day_final=0.0, night_final=v + s)
+            for s in (1, 2) for m, v in night.items()]
+    lines = [line.split(" | ")[2:] for line in plot.claims_table(rows) if line.startswith("| coinrun | ")]
+    assert ["the three dreamers' mean − Offline", "2", "2.50 ± 0.00", "held |"] in lines
+    assert ["RndDreamer − day", "2", f"2.50 ± {stats.t.ppf(0.975, 1) * np.std([2, 3], ddof=1) / np.sqrt(2):.2f}",
+            "cannot tell |"] in lines
+
+
 def test_verdict_from_the_interval():
     assert plot.verdict([0.8, 1.0, 1.2]) == "held"  # mean 1, CI 1 ± 0.50
     assert plot.verdict([-0.8, -1.0, -1.2], gain=1.0) == "not held (a loss)"
