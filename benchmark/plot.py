@@ -358,7 +358,7 @@ def final_table(rows):
         cells.append("missing" if np.isnan(needed) else str(needed))
         count = str(counts[0]) + (f" ({counts[1]} on train levels)" if counts[1] != counts[0] else "")
         lines.append(f"| {key[0]} | {LABELS[key[1]]} | {count} | " + " | ".join(cells) + " |")
-    return lines + ["The last column: the seeds a paired test change of 1 point needs (95% confidence, 80% power, "
+    return lines + ["", "The last column: the seeds a paired test change of 1 point needs (95% confidence, 80% power, "
                     "Student's t) with the spread of the changes seen here.", ""]
 
 
@@ -482,6 +482,24 @@ def write_csv(rows, path):
                           else v for k, v in r.items()} for r in rows)
 
 
+def read_csv_rows(paths):
+    """The rows of final.csv files (an empty field is NaN); a later file's row replaces an earlier one of the same
+    (game, method, seed). A file that is not such a CSV is refused in one line, naming it."""
+    rows = {}
+    for path in paths:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if missing := [c for c in CSV_COLUMNS if c not in (reader.fieldnames or ())]:
+                sys.exit(f"--from-csv {path}: not a final.csv of benchmark/plot.py (no column {', '.join(missing)})")
+            for r in reader:
+                if r["method"] not in METHODS:
+                    sys.exit(f"--from-csv {path}: method {r['method']!r} is none of {', '.join(METHODS)}")
+                key = (r["game"], r["method"], int(r["seed"]))
+                rows[key] = dict(game=key[0], method=key[1], seed=key[2],
+                                 **{c: float(r[c]) if r[c] else np.nan for c in CSV_COLUMNS[3:]})
+    return list(rows.values())
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/benchmark")
@@ -495,7 +513,16 @@ def main(argv=None):
     p.add_argument("--random-episodes", type=int, default=100)
     p.add_argument("--reps", type=int, default=2000, help="bootstrap resamples of the aggregate's CIs")
     p.add_argument("--csv", type=Path, help="also write final.csv here (e.g. under docs/)")
+    p.add_argument("--from-csv", nargs="+", type=Path, metavar="CSV",
+                   help="no runs: print the final evaluation's table and the claims from these final.csv files (a "
+                        "later file's row of the same game, method and seed wins); with --csv, write their rows there")
     args = read_settings(p.parse_args(argv), ("envs", "seeds", "smooth"))
+    if args.from_csv:
+        rows = read_csv_rows(args.from_csv)
+        if args.csv:
+            write_csv(rows, args.csv)
+        say("\n".join(["## Final evaluation", "", *final_table(rows), "## The paper's claims", "", *claims_table(rows)]))
+        return 0
     methods = methods_of(args.figures)
     data = load(args.out, args.envs, args.seeds, methods)
     if not any(data.values()):

@@ -576,6 +576,32 @@ def test_final_csv(synthetic):
     assert all(r["night_final"] == "" for r in rows if r["method"] == "full")
 
 
+def test_statistics_redone_from_the_csv_alone(synthetic, tmp_path, capsys):
+    """--from-csv: the final table and the claims from final.csv files, as from the runs; a later file's row wins."""
+    results = (synthetic / "figures" / "results.md").read_text()
+    from_runs = results[results.index("| game | method | seeds | test: day final"):results.index("## Diagnostics")]
+    capsys.readouterr()
+    assert plot.main(["--from-csv", str(synthetic / "figures" / "final.csv")]) == 0
+    assert from_runs in capsys.readouterr().out
+    rows = list(csv.DictReader((synthetic / "figures" / "final.csv").read_text().splitlines()))
+    later = tmp_path / "later.csv"
+    with open(later, "w", newline="") as f:  # seed 3's RndDreamer night ends 10 points higher
+        writer = csv.DictWriter(f, plot.CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerow({**next(r for r in rows if (r["method"], r["seed"]) == ("rnd", "3")), "night_final": "27"})
+    assert plot.main(["--from-csv", str(synthetic / "figures" / "final.csv"), str(later), "--csv",
+                      str(tmp_path / "merged.csv")]) == 0
+    t = stats.t.ppf(0.975, 2) / np.sqrt(3)
+    assert f"| RndDreamer − day | 3 | 5.33 ± {t * np.std([0.5, 1.5, 14.0], ddof=1):.2f} |" in \
+        capsys.readouterr().out
+    merged = list(csv.DictReader((tmp_path / "merged.csv").read_text().splitlines()))
+    assert len(merged) == len(rows) and [r["night_final"] for r in merged if (r["method"], r["seed"]) == ("rnd", "3")] \
+        == ["27"]
+    (tmp_path / "bad.csv").write_text("game,seed\ncoinrun,1\n")
+    with pytest.raises(SystemExit, match="bad.csv: not a final.csv of benchmark/plot.py"):
+        plot.main(["--from-csv", str(tmp_path / "bad.csv")])
+
+
 def test_final_table_says_when_no_run_has_it():
     rows = [dict(game="coinrun", method="rnd", seed=1, **{c: np.nan for c in plot.CSV_COLUMNS[3:]})]
     assert plot.final_table(rows)[0] == "No run has the final evaluation (the `final/*` scalars: these runs are " \
