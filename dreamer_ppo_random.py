@@ -58,8 +58,10 @@ class Hyperparameters:
     # Environment (Section 5.1, Table 2)
     env_id: DayFixed[Literal[PROCGEN_GAMES]] = "coinrun"
     """the ProcGen game (easy mode)"""
-    num_levels: int = 200
+    num_levels: DayFixed[int] = 200
     """N: training levels; tests use the full distribution (Section 5.1)"""
+    start_level: DayFixed[int] = 0
+    """the first training level: the levels are start_level, ..., start_level + N - 1 (ProcGen's; the paper's: 0)"""
     num_envs: DayFixed[int] = 5
     """parallelized environments (Table 2)"""
     test_repetitions: int = 5
@@ -156,9 +158,9 @@ class Hyperparameters:
 
 
 # %% environment
-def make_env(env_id, num_envs, num_levels, seed):
+def make_env(env_id, num_envs, num_levels, seed, start_level=0):
     """ProcGen, easy mode, auto-resetting (the frame returned with `done` starts the next level); num_levels=0: all."""
-    return ProcgenEnv(num_envs=num_envs, env_name=env_id, num_levels=num_levels, start_level=0,
+    return ProcgenEnv(num_envs=num_envs, env_name=env_id, num_levels=num_levels, start_level=start_level,
                       distribution_mode="easy", rand_seed=seed)
 
 
@@ -212,10 +214,15 @@ def latent_probs(logits, unimix):
 
 def draw(probs, generator=None):
     """One class per row of probabilities [..., K]: torch.multinomial's draw (argmax of probs / E, E ~ Exp(1)),
-    without its checks, which read the probabilities back (a GPU wait at every step: pytorch/pytorch#108968)."""
+    without its checks, which read the probabilities back (a GPU wait at every step: pytorch/pytorch#108968).
+    `generator`: torch's global one (None), a torch.Generator, or [(generator, rows), ...] for consecutive rows."""
     probs = probs.detach()
-    return (probs / torch.empty_like(probs, memory_format=torch.contiguous_format).exponential_(
-        generator=generator)).argmax(-1)
+    if not isinstance(generator, list):
+        return (probs / torch.empty_like(probs, memory_format=torch.contiguous_format).exponential_(
+            generator=generator)).argmax(-1)
+    noise = [torch.empty(rows, *probs.shape[1:], device=probs.device).exponential_(generator=g)
+             for g, rows in generator]
+    return (probs / torch.cat(noise)).argmax(-1)
 
 
 def one_hot(index, n):
@@ -233,14 +240,23 @@ def categorical_kl(p, q):
     return (p * (p.log() - q.log())).sum((-2, -1))
 
 
-LN_EPS = 1e-3  # DreamerV3's LayerNorm epsilon
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm with DreamerV3's epsilon (1e-3), computed in float32 on every device (CUDA's autocast does so;
+    CPU's would compute it in bf16): its output is float32."""
+
+    def __init__(self, dim):
+        super().__init__(dim, eps=1e-3)
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 def mlp(in_dim, out_dim, units, layers, zero_init=False):
     """`layers` Linear-LayerNorm-SiLU blocks and a linear output (Table 1)."""
     modules, dim = [], in_dim
     for _ in range(layers):
-        modules += [nn.Linear(dim, units), nn.LayerNorm(units, eps=LN_EPS), nn.SiLU()]
+        modules += [nn.Linear(dim, units), LayerNorm(units), nn.SiLU()]
         dim = units
     out = nn.Linear(dim, out_dim)
     if zero_init:
@@ -256,16 +272,16 @@ def native_bf16(device):
 
 
 def autocast(device, args):
-    """bf16 mixed precision (the paper's) with --bf16 where the device computes bf16 natively; else fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and native_bf16(device))
+    """bf16 mixed precision (the paper's) with --bf16 where the device computes bf16 natively; else fp32. Without
+    torch's cache of cast weights: it is one for the whole process, and another thread's autocast (the background
+    evaluation's) empties it in the middle of a step, which then sums its weights' gradients otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and native_bf16(device),
+                          cache_enabled=False)
 
 
 # %% world model
-class ChannelNorm(nn.LayerNorm):
+class ChannelNorm(LayerNorm):
     """LayerNorm over the channels of an image [N, C, H, W]."""
-
-    def __init__(self, channels):
-        super().__init__(channels, eps=LN_EPS)
 
     def forward(self, x):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -329,7 +345,7 @@ class LayerNormGRUCell(nn.Module):
         super().__init__()
         self.hidden_size = hidden_size
         self.linear = nn.Linear(input_size + hidden_size, 3 * hidden_size, bias=False)
-        self.norm = nn.LayerNorm(3 * hidden_size, eps=LN_EPS)
+        self.norm = LayerNorm(3 * hidden_size)
 
     def forward(self, x, h):
         reset, cand, update = self.norm(self.linear(torch.cat([x, h], -1))).chunk(3, -1)
@@ -348,7 +364,7 @@ class WorldModel(nn.Module):
         z_dim = self.C * self.J
         self.encoder = ConvEncoder(args.cnn_depth)
         self.gru_in = nn.Sequential(nn.Linear(z_dim + num_actions, args.mlp_units),
-                                    nn.LayerNorm(args.mlp_units, eps=LN_EPS), nn.SiLU())
+                                    LayerNorm(args.mlp_units), nn.SiLU())
         self.gru = LayerNormGRUCell(args.mlp_units, args.rnn_units)
         self.prior_net = mlp(args.rnn_units, z_dim, args.mlp_units, 1)
         self.post_net = mlp(args.rnn_units + self.encoder.out_dim, z_dim, args.mlp_units, 1)
@@ -650,7 +666,7 @@ def imagine(wm, agent, h, z, horizon, args, clock=None):
                 moves["value_move"].append((value[changed] - bootstrap_value[changed]).abs())
                 moves["h_move"].append((h[changed] - h_in[changed]).abs().mean(1))
                 moves["z_flip_frac"].append((z[changed].argmax(-1) != z_in[changed].argmax(-1)).float().mean(1))
-            h = wm.recurrent(h, z, action).float()  # float32 dream states: CUDA autocast's GRU gives bf16
+            h = wm.recurrent(h, z, action)  # float32: the GRU's gates come from a float32 LayerNorm
             z = sample_onehot(wm.prior(h))
             reward, cont = wm.heads(state_features(h, z))
         for key, x in zip(keys, (s, action, logprob, value, bootstrap_value, reward, cont, changed)):
@@ -675,29 +691,30 @@ def check_transformation_args(args):
     check_rules(args, dict(p_swing="[0, 1]"))
 
 
-def random_swing(h, z, wm, agent, args):
+def random_swing(h, z, wm, agent, args, generator=None):
     """Random swing (Eq. 3): h + h_rand with h_rand ~ N(0, I), and each of the C categoricals of z re-drawn
     uniformly among its J classes (the same one included) with probability p_swing."""
     classes = z.argmax(-1)
-    swing = torch.rand(classes.shape, device=z.device) < args.p_swing
-    drawn = torch.randint(z.shape[-1], classes.shape, device=z.device)
-    return h + torch.randn_like(h), F.one_hot(torch.where(swing, drawn, classes), z.shape[-1]).float()
+    swing = torch.rand(classes.shape, device=z.device, generator=generator) < args.p_swing
+    drawn = torch.randint(z.shape[-1], classes.shape, device=z.device, generator=generator)
+    h_rand = torch.randn(h.shape, device=h.device, generator=generator)
+    return h + h_rand, F.one_hot(torch.where(swing, drawn, classes), z.shape[-1]).float()
 
 
-def states_to_transform(h, args, force):
+def states_to_transform(h, args, force, generator=None):
     """The dream states to transform: each with probability epsilon = 1/H (Section 4.1), or all when `force`."""
     if force:
         return torch.ones(len(h), dtype=torch.bool, device=h.device)
-    return torch.rand(len(h), device=h.device) < 1 / args.horizon
+    return torch.rand(len(h), device=h.device, generator=generator) < 1 / args.horizon
 
 
-def transform(h, z, wm, agent, args, force=False):
+def transform(h, z, wm, agent, args, force=False, generator=None):
     """RndDreamer: a random swing (Eq. 3) of each dream state with probability epsilon = 1/H, or of all of them
     when `force`. Returns the new (h, z) and the mask of the states it changed."""
-    changed = states_to_transform(h, args, force)
+    changed = states_to_transform(h, args, force, generator)
     h, z = h.clone(), z.clone()
     if changed.any():
-        h[changed], z[changed] = random_swing(h[changed], z[changed], wm, agent, args)
+        h[changed], z[changed] = random_swing(h[changed], z[changed], wm, agent, args, generator)
     return h, z, changed
 
 
@@ -876,8 +893,8 @@ Resumable = Annotated[T, "resumable"]  # a run flag a resumed run may change: ho
 class Args(Hyperparameters):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (the script's name)"""
-    seed: int = 1
-    """seed of the experiment, in [0, 2^31)"""
+    seed: DayFixed[int] = 1
+    """seed of the experiment, in [0, 2^31) (a night goes on from its day's random states and shares its seed)"""
     torch_deterministic: bool = True
     """`torch.backends.cudnn.deterministic`"""
     cuda: Resumable[bool] = True
@@ -914,7 +931,7 @@ class Args(Hyperparameters):
     dream_images_every: int = 10
     """log images every this many epochs: by night decoded dream states before and after their transformation
     (Figure 2, for one's own runs; not in the Offline script), by day the open-loop prediction; 0 never"""
-    final_episodes: Resumable[int] = 500
+    final_episodes: DayFixed[int] = 500
     """the final evaluation at the end of each phase: this many test and as many training-level episodes on levels
     drawn from the seed alone, the same for a day and its nights (final/*, not in the paper); 0 skips it"""
 
@@ -933,7 +950,8 @@ RULES = {
                      "free_nats", "beta_dyn", "beta_rep", "vf_coef", "ent_coef"), "[0, inf)"),
     **dict.fromkeys(("reward_scale", "bins_extreme", "wm_grad_clip", "day_lr", "night_lr", "max_grad_norm"),
                     "(0, inf)"),
-    "seed": "[0, 2^31); ProcGen's seeds", "bins": "[2, inf); a two-hot target spreads over two neighbouring bins",
+    "seed": "[0, 2^31); ProcGen's seeds", "start_level": "[0, 2^31); ProcGen's levels",
+    "bins": "[2, inf); a two-hot target spreads over two neighbouring bins",
     "seq_len": "[2, inf); a sequence needs a transition", "penalty": "(-inf, 0]", "reward_seq_fraction": "[0, 1]",
     "unimix": "[0, 1)", "day_gamma": "(0, 1]", "gae_lambda": "[0, 1]", "clip_coef": "(0, 1)",
     "return_scale_decay": "[0, 1)",
@@ -974,6 +992,9 @@ def check_args(args):
     if args.wm_batch_size * args.seq_len > args.day_steps:
         fail("--wm-batch-size", f"--wm-batch-size x --seq-len = {args.wm_batch_size * args.seq_len} frames must fit "
                                 f"in the {args.day_steps} of a day epoch (--day-steps); lower one or raise --day-steps")
+    if args.start_level + args.num_levels >= 2**31:
+        fail("--start-level", f"--start-level + --num-levels must be below 2^31 (ProcGen's levels), got "
+                              f"{args.start_level + args.num_levels}")
     if "/" in args.exp_name:
         fail("--exp-name", f"names a run directory, so it cannot hold '/', got {args.exp_name!r}")
     if args.day_checkpoint is not None and not os.path.isfile(args.day_checkpoint):
@@ -1004,7 +1025,7 @@ def wandb_can_log():
         return False
 
 # %% checkpoint
-CHECKPOINT_FORMAT = 2  # the version of checkpoint.pt and day.pt as written here
+CHECKPOINT_FORMAT = 3  # the version of checkpoint.pt and day.pt as written here: a new model or content, a new one
 PREEMPTED = 75  # the exit status after SIGTERM or SIGUSR1 and its checkpoint: run the same command with --resume
 
 
@@ -1324,13 +1345,16 @@ class Logger:
 @torch.no_grad()
 def evaluate(wm, agent, args, step, device, episodes=None):
     """test_return: the policy's mean score in the first episode of num_envs x test_repetitions environments on all
-    levels (Table 2), and train_levels_return on the N training levels; levels and draws from (seed, step) alone.
-    `episodes` (step -1): the final evaluation's, with standard errors {name}_se."""
+    levels (Table 2), and train_levels_return on the N training levels. Each kind has levels and draws of its own,
+    from (seed, step, kind) alone, played side by side. `episodes` (step -1): the final evaluation's, with standard
+    errors {name}_se."""
     n = episodes or args.num_envs * args.test_repetitions
-    seed = (args.seed * 1_000_003 + step) % 2**31
-    levels = dict(test_return=0, **(dict(train_levels_return=args.num_levels) if args.eval_train_levels else {}))
-    envs = [make_env(args.env_id, n, num_levels, seed) for num_levels in levels.values()]
-    generator = torch.Generator(device).manual_seed(seed)
+    levels = dict(test_return=(0, 0), **(dict(train_levels_return=(args.num_levels, args.start_level))
+                                         if args.eval_train_levels else {}))
+    seeds = [int(np.random.SeedSequence([args.seed, step + 1, kind]).generate_state(1)[0] >> 1) for kind in range(2)]
+    envs = [make_env(args.env_id, n, num_levels, seed, start)
+            for (num_levels, start), seed in zip(levels.values(), seeds)]
+    generators = [torch.Generator(device).manual_seed(seed) for seed in seeds[: len(envs)]]
     rows = n * len(envs)
     obs = torch.as_tensor(np.concatenate([e.reset()["rgb"] for e in envs]), device=device)
     h, z = wm.initial(rows), torch.zeros(rows, wm.C, wm.J, device=device)
@@ -1340,11 +1364,13 @@ def evaluate(wm, agent, args, step, device, episodes=None):
     live = np.arange(rows)  # the rows still in their first episode: only they go through the networks
     finite = torch.ones((), dtype=torch.bool, device=device)  # read once at the end: no wait at every step
     while len(live):
+        # each kind's rows still playing draw from its generator: a kind's draws do not depend on the other's
+        streams = list(zip(generators, np.bincount(live // n, minlength=len(envs)).tolist()))
         with autocast(device, args):
-            h, z = wm.filter_step(h, z, action, obs, is_first, generator)
+            h, z = wm.filter_step(h, z, action, obs, is_first, streams)
             probs = agent.actor(state_features(h, z)).float().softmax(-1)
             finite &= probs.isfinite().all()
-            action = draw(probs, generator)
+            action = draw(probs, streams)
         actions[live] = action.cpu().numpy()
         steps = [e.step(a) for e, a in zip(envs, np.split(actions, len(envs)))]
         next_obs, reward, done = (np.concatenate(x) for x in zip(*[(o["rgb"], r, d) for o, r, d, _ in steps]))
@@ -1497,10 +1523,12 @@ def open_loop(wm, dataset, start, args, device, log, step, epoch):
 
 # %% dream images
 def log_dream_images(wm, agent, states, args, writer, step, n=4):
-    """Figure 2 for one's own runs: n dream states (rows) decoded before (left) and after (right) a forced transform."""
-    s = states[torch.randint(len(states), (n,), device=states.device)]
+    """Figure 2 for one's own runs: n dream states (rows) decoded before (left) and after (right) a forced transform,
+    drawn from a generator of their own (the run's draws stay as they are)."""
+    generator = torch.Generator(states.device).manual_seed(args.seed * 1_000_003 + step)
+    s = states[torch.randint(len(states), (n,), device=states.device, generator=generator)]
     h, z = s[:, : wm.gru.hidden_size], s[:, wm.gru.hidden_size:].reshape(n, wm.C, wm.J)
-    h_new, z_new, _ = transform(h, z, wm, agent, args, force=True)
+    h_new, z_new, _ = transform(h, z, wm, agent, args, force=True, generator=generator)
     with torch.no_grad(), autocast(s.device, args):
         images = wm.decoder(torch.cat([state_features(h, z), state_features(h_new, z_new)])).float()
     images = (images + 0.5).clamp(0, 1)
@@ -1556,7 +1584,7 @@ def main(args):
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
-    envs = make_env(args.env_id, args.num_envs, args.num_levels, args.seed)
+    envs = make_env(args.env_id, args.num_envs, args.num_levels, args.seed, args.start_level)
     num_actions = envs.action_space.n
     wm = WorldModel(args, num_actions).to(device)
     agent = Agent(wm.feat_dim, num_actions, args).to(device)

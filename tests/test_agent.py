@@ -139,7 +139,7 @@ def test_imagine_bootstraps_a_transformed_state_from_its_untransformed_value(mon
     wm, agent = models
     torch.nn.init.normal_(agent.critic[-1].weight, std=0.05)  # a critic whose value varies with the state
 
-    def shift_at_step_2(h, z, wm, agent, args, force=False):
+    def shift_at_step_2(h, z, wm, agent, args, force=False, generator=None):
         calls.append(1)
         changed = torch.full((len(h),), len(calls) == 3)
         return h + 5.0 * changed[:, None], z, changed

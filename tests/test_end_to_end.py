@@ -1,6 +1,7 @@
 """Bad input, day checkpoints, and whole runs of the script at tiny sizes (TensorBoard curves, day.pt, a
 night-only run from a day checkpoint)."""
 
+import hashlib
 import os
 import random
 import socket
@@ -12,6 +13,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import dreamer_ppo
 from dreamer_ppo import (ReplayDataset, ReturnScale, atomic_save, check_args, claim_run_dir, load_steps, read_checkpoint,
                          random_initial_states, replay_path, restore, run_state, save_new_steps)
 from conftest import SIZE_FLAGS, crafted_dataset, finish, make_models, make_optimizers, random_batch, run_script, \
@@ -167,6 +169,10 @@ def test_checkpoint_stores_frames_as_raw_bytes(tmp_path):
 
 @pytest.mark.parametrize("changes, flag", [
     (dict(categoricals=8), "--categoricals"),
+    (dict(final_episodes=3), "--final-episodes 2 (here 3)"),  # the day's and the night's finals would not pair
+    (dict(num_levels=8), "--num-levels 200 (here 8)"),
+    (dict(start_level=8), "--start-level 0 (here 8)"),
+    (dict(seed=2), "--seed 1 (here 2)"),
     (dict(rnn_units=64), "--rnn-units"),
     (dict(env_id="starpilot"), "--env-id"),
     (dict(num_envs=5, day_steps=100), "--num-envs"),
@@ -194,9 +200,23 @@ def test_load_checkpoint_refuses_other_files(tmp_path):
     assert "--day-checkpoint" in str(e.value) and "notes.pt" in str(e.value)
 
 
+# The model each checkpoint format holds: its modules (LayerNorm's epsilon included) and its tensors' shapes, at
+# tiny sizes. A change of either, without a new format, would load an older checkpoint into another model.
+MODELS = {2: "0588abe728cd3b95", 3: "1b0aab299a8a480a"}
+
+
+def test_the_checkpoint_format_names_the_model():
+    wm, agent = make_models(tiny_args())
+    description = [repr(wm), repr(agent)] + [f"{k} {tuple(v.shape)} {v.dtype}" for m in (wm, agent)
+                                              for k, v in m.state_dict().items()]
+    digest = hashlib.sha256("\n".join(description).encode()).hexdigest()[:16]
+    assert MODELS.get(dreamer_ppo.CHECKPOINT_FORMAT) == digest, (
+        f"the model is not format {dreamer_ppo.CHECKPOINT_FORMAT}'s: raise CHECKPOINT_FORMAT and record {digest} here")
+
+
 @pytest.mark.parametrize("change, words", [
     (dict(progress=dict(phase="night", epoch=1, step=9, test_return=0.0, replay_size=0)), ["during a night", "day.pt"]),
-    (dict(format=1), ["older version", "--save-day"]),
+    (dict(format=dreamer_ppo.CHECKPOINT_FORMAT - 1), ["older version", "--save-day"]),
 ])
 def test_load_checkpoint_refuses_a_night_or_an_old_checkpoint(tmp_path, change, words):
     args = tiny_args()

@@ -141,13 +141,13 @@ def test_evaluation_scores_whole_episodes_of_the_current_policy(monkeypatch):
     # many fresh environments, on the full level distribution (test_return) and on the N training levels
     # (train_levels_return), played in one batch. ProcGen ignores a manual reset mid-episode: an evaluation must not
     # count an episode found under way (begun by an earlier policy, partly scored).
-    args = tiny_args(num_envs=3, test_repetitions=2)
+    args = tiny_args(num_envs=3, test_repetitions=2, start_level=40)
     wm, agent = make_models(args)
     made, make_env = [], dreamer_ppo.make_env
 
-    def probed_make_env(env_id, num_envs, num_levels, seed):
-        made.append(dict(num_levels=num_levels, seed=seed, probe=EpisodeProbe(make_env(env_id, num_envs,
-                                                                                       num_levels, seed))))
+    def probed_make_env(env_id, num_envs, num_levels, seed, start_level=0):
+        made.append(dict(num_levels=num_levels, start_level=start_level, seed=seed,
+                         probe=EpisodeProbe(make_env(env_id, num_envs, num_levels, seed, start_level))))
         return made[-1]["probe"]
 
     monkeypatch.setattr(dreamer_ppo, "make_env", probed_make_env)
@@ -159,8 +159,9 @@ def test_evaluation_scores_whole_episodes_of_the_current_policy(monkeypatch):
     probes = [m["probe"] for m in made]
     assert len(probes) == 4, "evaluate made its environments elsewhere than through make_env"
     assert all(p.num_envs == 6 and (p.whole >= 1).all() for p in probes), [p.whole for p in probes]
-    assert [m["num_levels"] for m in made] == [0, args.num_levels] * 2  # the full distribution, the training levels
-    assert made[0]["seed"] == made[1]["seed"] != made[2]["seed"] == made[3]["seed"]  # other levels at each step
+    # the full distribution, then the training levels start_level, ..., start_level + N - 1
+    assert [(m["num_levels"], m["start_level"]) for m in made] == [(0, 0), (args.num_levels, 40)] * 2
+    assert len({m["seed"] for m in made}) == 4  # other levels for each kind and at each step
     assert all(p.closed for p in probes)
     made.clear()
     assert set(dreamer_ppo.evaluate(wm, agent, replace(args, eval_train_levels=False), 100, CPU)) == {"test_return"}
@@ -170,7 +171,7 @@ def test_evaluation_scores_whole_episodes_of_the_current_policy(monkeypatch):
 def action_reward_envs(monkeypatch):
     """Evaluations on ActionRewardEnvs (episodes of 4 steps): their returns follow every action sampled."""
     monkeypatch.setattr(dreamer_ppo, "make_env",
-                        lambda env_id, num_envs, num_levels, seed: ActionRewardEnv(num_envs, length=4, tag=1))
+                        lambda env_id, num_envs, num_levels, seed, start_level=0: ActionRewardEnv(num_envs, 4, 1))
 
 
 def test_evaluation_draws_its_own_random_numbers(monkeypatch):
@@ -242,7 +243,7 @@ def test_final_evaluation_plays_the_same_levels_for_a_day_and_its_nights(monkeyp
     # is a paired difference. Its means come with their standard errors.
     made = []
 
-    def recording_make_env(env_id, num_envs, num_levels, seed):
+    def recording_make_env(env_id, num_envs, num_levels, seed, start_level=0):
         made.append((num_envs, num_levels, seed))
         return RowRewardEnv(num_envs, length=4, tag=1)
 
@@ -275,3 +276,19 @@ def test_an_evaluation_of_a_broken_policy_stops_the_run(monkeypatch):
         agent.actor[-1].bias[3] = float("nan")
     with pytest.raises(SystemExit, match="not finite in the evaluation at step 100"):
         dreamer_ppo.evaluate(wm, agent, args, 100, CPU)
+
+
+def test_the_day_trains_on_the_levels_from_start_level(monkeypatch, tmp_path):
+    # --start-level moves the N training levels (ProcGen's start_level): the day's environments and the evaluation on
+    # the training levels play start_level, ..., start_level + N - 1; the test episodes, all levels.
+    made, make_env = [], dreamer_ppo.make_env
+
+    def recording_make_env(env_id, num_envs, num_levels, seed, start_level=0):
+        made.append((num_envs, num_levels, start_level))
+        return make_env(env_id, num_envs, num_levels, seed, start_level)
+
+    monkeypatch.setattr(dreamer_ppo, "make_env", recording_make_env)
+    args = tiny_args(day_epochs=1, night_epochs=0, num_levels=8, start_level=1000, run_dir=str(tmp_path / "run"))
+    dreamer_ppo.main(args)
+    episodes = args.num_envs * args.test_repetitions
+    assert made == [(args.num_envs, 8, 1000), (episodes, 0, 0), (episodes, 8, 1000), (2, 0, 0), (2, 8, 1000)]

@@ -197,14 +197,16 @@ def test_imagine_transforms_one_dream_state_in_H(name):
 
 
 @pytest.mark.parametrize("name", VARIANTS)
-def test_imagine_transforms_the_bf16_states_of_cuda_autocast(name, monkeypatch):
-    """Under CUDA autocast the GRU gives bf16 h (CPU autocast does not): dreams still transform, in float32."""
+def test_dream_states_are_float32_in_bf16_autocast(name, monkeypatch):
+    """In bf16 autocast the GRU's gates come from a float32 LayerNorm: the dream states are float32 on every device
+    (bf16 autocast forced here where the CPU would emulate it), and they transform."""
     module = MODULES[name]
-    args = variant_args(name, horizon=4)
+    monkeypatch.setattr(module, "native_bf16", lambda device: True)
+    args = variant_args(name, horizon=4, bf16=True)
     wm, agent = make_models(args)
     h, z = dream_states(wm, 64)
-    recurrent = wm.recurrent
-    monkeypatch.setattr(wm, "recurrent", lambda h, z, action: recurrent(h, z, action).bfloat16())
+    with torch.no_grad(), module.autocast(torch.device("cpu"), args):
+        assert wm.recurrent(h, z, torch.zeros(64, dtype=torch.long)).dtype == torch.float32
     torch.manual_seed(1)
     traj, stats = module.imagine(wm, agent, h, z, args.horizon, args)
     assert stats["transformed_frac"] > 0 and traj["states"].dtype == torch.float32
@@ -215,7 +217,7 @@ def test_full_dreamer_uses_the_three_transformations_in_equal_shares(monkeypatch
     module = MODULES["full"]
     args = variant_args("full")
     wm, agent = make_models(args)
-    marked = lambda mark: lambda h, z, wm, agent, args: (torch.full_like(h, mark), z)  # noqa: E731
+    marked = lambda mark: lambda h, z, wm, agent, args, generator: (torch.full_like(h, mark), z)  # noqa: E731
     monkeypatch.setattr(module, "TRANSFORMATIONS", tuple(marked(k + 1.0) for k in range(3)))
     h, z = dream_states(wm, 3000)
     h = h.clamp(-0.5, 0.5)  # no state is marked before its transformation

@@ -432,3 +432,18 @@ def test_open_loop_recalls_count_windows_drawn_around_the_rare_events():
     logged = {tag: value for tag, _, value in log.points}
     assert logged["openloop/rewards_seen"] >= 8 and logged["openloop/ends_seen"] >= 8
     assert logged["openloop/reward_recall"] == logged["openloop/end_recall"] == 1.0
+
+
+def test_every_layer_norm_computes_in_float32_under_autocast(models):
+    # CUDA's autocast computes LayerNorm in float32, CPU's would in bf16: each of the model's LayerNorms (the GRU's
+    # gates, the MLPs', the images' channels) gives the float32 result of its input on every device.
+    wm, agent = models
+    norms = [m for m in (*wm.modules(), *agent.modules()) if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) >= 10 and any(isinstance(m, dreamer_ppo.ChannelNorm) for m in norms)
+    for norm in norms:
+        shape = (3, norm.normalized_shape[0], 4, 4) if isinstance(norm, dreamer_ppo.ChannelNorm) else \
+            (3, norm.normalized_shape[0])
+        x = torch.randn(shape).bfloat16()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = norm(x)
+        assert y.dtype == torch.float32 and torch.equal(y, norm(x.float()))
