@@ -13,7 +13,9 @@ Settings come from the environment (the interface of the shell scripts) or the f
   ENVS     ProcGen games, default "coinrun caveflyer chaser plunder"
   SEEDS    whole numbers, 0 <= seed < 2^31, default "1 2 3 4 5" (a game or seed given twice runs once)
   PRESET   paper (default: every size the paper's) | cpu (the CPU-sized protocol) | cpu-matched (the CPU
-           sizes with the paper's ratios of replayed to real frames and of dreamed to real samples) | tiny (tests)
+           sizes with the paper's ratios of replayed to real frames and of dreamed to real samples) | cpu-narrow
+           (cpu-matched on 8 training levels, the paper's real steps per level; seed S's from level 1000 x S) |
+           tiny (tests)
   WORKERS  local runs at once; default WORKERS_PER_GPU (default 4) per visible GPU, at most one per CPU
            core, or one per 2 CPU cores without a GPU. Runs on one GPU share it (it is idle most of the time).
   OUT      where runs (OUT/{game}/{method}/seed{S}) and figures (OUT/figures) go, default runs/benchmark
@@ -91,6 +93,13 @@ PRESETS = {
     "cpu-matched": (("--day-epochs", "40", "--wm-updates", "40", "--day-steps", "1000", "--wm-batch-size", "16",
                      "--seq-len", "16", "--agent-updates", "5", "--categoricals", "16", "--classes", "16",
                      "--rnn-units", "256", "--cnn-depth", "16", "--mlp-units", "256", "--penalty", "0"), "40"),
+    # cpu-matched on a narrow slice of the levels: the paper's real steps per training level (1M / 200 = 5,000),
+    # N = E_d T_d / 5,000 = 8 levels, each seed its own (from level 1000 x seed: `seed_flags`), so that the day overfits
+    # them as the paper's agent overfits its 200; the tests still play every level.
+    "cpu-narrow": (("--day-epochs", "40", "--wm-updates", "40", "--day-steps", "1000", "--wm-batch-size", "16",
+                    "--seq-len", "16", "--agent-updates", "5", "--categoricals", "16", "--classes", "16",
+                    "--rnn-units", "256", "--cnn-depth", "16", "--mlp-units", "256", "--penalty", "0",
+                    "--num-levels", "8"), "40"),
     "tiny": (("--wm-updates", "2", "--day-steps", "100", "--wm-batch-size", "4", "--seq-len", "8",
               "--agent-updates", "2", "--agent-batch-size", "4", "--horizon", "5", "--test-repetitions", "1",
               "--seed-episodes", "1", "--categoricals", "4", "--classes", "4", "--rnn-units", "32", "--cnn-depth",
@@ -108,6 +117,14 @@ PREEMPTED = 75  # a script's exit status after SIGTERM or SIGUSR1 and its checkp
 SLURM_STOP_WAIT = 60  # seconds a preempted SLURM job gives its run to checkpoint (submitit signals 90 s ahead)
 DONE = "DONE"
 LOG = "log.txt"
+
+
+LEVELS_APART = 1000  # at cpu-narrow, seed S trains on the levels from LEVELS_APART x S
+
+
+def seed_flags(preset, seed):
+    """The flags a preset sets from the seed: at cpu-narrow, the seed's own training levels."""
+    return ("--start-level", str(LEVELS_APART * seed)) if preset == "cpu-narrow" else ()
 
 
 def methods_of(figures):
@@ -143,11 +160,12 @@ def expand(games, seeds, methods, preset, extra, out):
     night_flags = ("--night-epochs", night_epochs) if night_epochs else ()
     python = sys.executable
     days = {(g, s): Run(g, DAY, s, (python, str(ROOT / "dreamer_ppo.py"), "--env-id", g, "--seed", str(s), *sizes,
-                                    *extra, "--night-epochs", "0", "--save-day", "--run-dir",
+                                    *seed_flags(preset, s), *extra, "--night-epochs", "0", "--save-day", "--run-dir",
                                     str(run_dir(out, g, DAY, s)), "--resume"), run_dir(out, g, DAY, s))
             for g in games for s in seeds}
     nights = [Run(g, m, s, (python, str(ROOT / METHODS[m].script), "--env-id", g, "--seed", str(s), *sizes,
-                            *night_flags, *METHODS[m].flags, *extra, "--day-checkpoint", str(days[g, s].dir / "day.pt"),
+                            *seed_flags(preset, s), *night_flags, *METHODS[m].flags, *extra, "--day-checkpoint",
+                            str(days[g, s].dir / "day.pt"),
                             "--run-dir", str(run_dir(out, g, m, s)), "--resume"), run_dir(out, g, m, s), days[g, s])
               for g in games for s in seeds for m in methods]
     return [*days.values(), *nights]
@@ -443,6 +461,10 @@ def parse(argv):
                                                "out", "dry_run", "backend", "keep_replay"))
     if args.backend == "slurm":
         read_settings(args, ("slurm_time_min", "slurm_mem_gb", "slurm_cpus"))
+    highest = SEED_LIMIT // LEVELS_APART - 1  # ProcGen's levels stop at 2^31
+    if seed_flags(args.preset, 0) and max(args.seeds) > highest:
+        refuse("SEEDS", " ".join(map(str, args.seeds)), f"at most {highest} at PRESET={args.preset}, whose seed S "
+                                                         f"trains on the levels from {LEVELS_APART} x S")
     args.extra = tuple(extra)
     return args
 

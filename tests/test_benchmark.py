@@ -109,11 +109,25 @@ def test_dry_run_cpu_preset(tmp_path):
     assert flag(day, "--rnn-units") == flag(night, "--rnn-units") == "256" and flag(night, "--penalty") == "0"
 
 
+def test_dry_run_narrow_preset_gives_each_seed_its_levels(tmp_path):
+    # cpu-narrow: cpu-matched's sizes on 8 training levels, seed S's from level 1000 S, the same for a day and its nights
+    cmds = dry_run("fig4", tmp_path, ENVS="coinrun", SEEDS="3 12", PRESET="cpu-narrow")[:-1]
+    matched = dry_run("fig4", tmp_path / "matched", ENVS="coinrun", SEEDS="3", PRESET="cpu-matched")[0]
+    assert len(cmds) == 12
+    for cmd in cmds:
+        seed = int(flag(cmd, "--seed"))
+        assert flag(cmd, "--num-levels") == "8" and flag(cmd, "--start-level") == str(1000 * seed)
+        assert all(flag(cmd, f) == flag(matched, f) for f in ("--day-epochs", "--day-steps", "--wm-updates",
+                                                              "--rnn-units", "--penalty"))
+    assert "--start-level" not in matched and "--num-levels" not in matched
+
+
 # %% settings, refused before anything is written
 @pytest.mark.parametrize("variables, allowed", [
     (dict(SEEDS="abc"), "'abc' is not a seed; seeds are whole numbers, 0 <= seed < 2^31"),
     (dict(SEEDS="1 -1"), "'-1' is not a seed"), (dict(SEEDS="2147483648"), "0 <= seed < 2^31"),
-    (dict(SEEDS=""), "at least one seed"), (dict(PRESET="huge"), "one of paper, cpu, cpu-matched, tiny"),
+    (dict(SEEDS=""), "at least one seed"), (dict(PRESET="huge"), "one of paper, cpu, cpu-matched, cpu-narrow, tiny"),
+    (dict(SEEDS="1 2147483", PRESET="cpu-narrow"), "at most 2147482 at PRESET=cpu-narrow"),
     (dict(WORKERS="-2"), "a whole number, 1 or more"), (dict(WORKERS="0"), "a whole number, 1 or more"),
     (dict(WORKERS_PER_GPU="four"), "1 or more"), (dict(SMOOTH="0"), "1 or more"),
     (dict(BACKEND="aws"), "one of local, slurm"), (dict(SLURM_TIME_MIN="4h", BACKEND="slurm"), "1 or more"),
