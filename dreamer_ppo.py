@@ -1626,8 +1626,15 @@ def main(args):
         night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, progress["step"], checkpoint, epoch)
     except KeyboardInterrupt:
         log.writer.close()
+        if args.track:
+            import wandb
+
+            wandb.finish(exit_code=130)
         print(checkpoint.interrupted(), file=sys.stderr, flush=True)
-        raise SystemExit(130)
+        sys.stdout.flush()
+        # os._exit, not SystemExit: the interpreter's exit with the background evaluation's torch and ProcGen state
+        # alive aborts the process one time in two (`terminate called without an active exception`, exit -6)
+        os._exit(130)
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
