@@ -31,6 +31,7 @@ and exits 1), and writes to OUT/figures:
 
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 
@@ -45,6 +46,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmark.run import DAY, DONE, FIGURES, METHODS, methods_of, read_settings, run_dir, say  # noqa: E402
+
+PAPER_FIGURES = ("fig3", "fig4", "fig5")  # drawn by default; FIGURES' "control" is no figure of the paper
+PAPER_LEVELS = 200  # N, the paper's training levels: a regime of other N is named with the game
 
 TEST, TRAIN = "charts/test_return", "charts/train_levels_return"
 # the final evaluation, logged once at the end of each run's phase: on test levels and on train levels, with the
@@ -64,16 +68,19 @@ EASY_RANGES = {"coinrun": (5, 10), "starpilot": (2.5, 64), "caveflyer": (3.5, 12
                "leaper": (3, 10), "maze": (5, 10), "bigfish": (1, 40), "heist": (3.5, 10), "climber": (2, 12.6),
                "plunder": (4.5, 30), "ninja": (3.5, 10), "bossfight": (0.5, 13)}
 COLORS = {DAY: "tab:blue", "dreamer_random": "tab:green", "dreamer_collected": "tab:olive", "rnd": "tab:red",
-          "deepdream": "tab:purple", "valdiv": "tab:orange", "full": "tab:brown", "offline": "lightskyblue"}
+          "deepdream": "tab:purple", "valdiv": "tab:orange", "full": "tab:brown", "offline": "lightskyblue",
+          "control": "black"}
 # (marker, dash) of each method, all distinct: lines of equal curves stay visible, in colour and in grey
 STYLES = {DAY: ("", "-"), "dreamer_random": ("o", "-"), "dreamer_collected": ("s", "--"), "rnd": ("^", "-."),
-          "deepdream": ("v", ":"), "valdiv": ("D", "--"), "full": ("P", "-."), "offline": ("X", ":")}
+          "deepdream": ("v", ":"), "valdiv": ("D", "--"), "full": ("P", "-."), "offline": ("X", ":"),
+          "control": ("*", "-")}
 MARKS = 6  # markers per line
 LABELS = {DAY: "day (shared)", **{m: method.label for m, method in METHODS.items()}}
 RANDOM = "random policy"
 CSV_COLUMNS = ("game", "method", "seed", "day_final", "day_final_se", "night_final", "night_final_se",
                "day_train_final", "day_train_final_se", "night_train_final", "night_train_final_se", "day_last10",
-               "night_last10")
+               "night_last10", "num_levels")
+METRICS = CSV_COLUMNS[3:13]  # the columns of returns
 
 
 def read_run(path, tags=(TEST, TRAIN, *FINAL.values(), *(f"openloop/{k}" for k in OPENLOOP), DREAM_RETURN,
@@ -233,7 +240,8 @@ def style(method, rank=(0, 1)):
 def draw_figure(name, data, games, ends, randoms, smooth):
     """Figure 3, 4 or 5; the figure, unsaved."""
     methods = FIGURES[name]
-    fig, axes = panels(games, f"Figure {name[-1]}: test return on the full level distribution", smooth)
+    title = f"Figure {name[-1]}" if name in PAPER_FIGURES else "The perfect-model control (not in the paper)"
+    fig, axes = panels(games, f"{title}: test return on the full level distribution", smooth)
     for ax, game in zip(axes, games):
         curve(ax, day_series(data, game, TEST, ends[game]), smooth, LABELS[DAY], **style(DAY))
         for i, m in enumerate(methods):
@@ -319,7 +327,17 @@ def final(scalars, key):
     return float(scalars[FINAL[key]][1][-1]) if FINAL[key] in scalars else np.nan
 
 
-def final_rows(data, games, seeds, methods, ends):
+def levels_of(out, game, seed):
+    """The training levels N of a (game, seed)'s day: its command's last --num-levels (DONE), else the paper's."""
+    try:
+        cmd = json.loads((run_dir(out, game, DAY, seed) / DONE).read_text()).get("cmd", [])
+    except (OSError, ValueError, AttributeError):
+        cmd = []
+    given = [cmd[i + 1] for i, flag in enumerate(cmd[:-1]) if flag == "--num-levels"]
+    return int(given[-1]) if given else PAPER_LEVELS
+
+
+def final_rows(data, games, seeds, methods, ends, out):
     """One dict per (game, method, seed) of the nights, with CSV_COLUMNS: NaN where a value is missing."""
     rows = []
     for game in games:
@@ -331,32 +349,53 @@ def final_rows(data, games, seeds, methods, ends):
                           for levels, key in (("", "test"), ("train_", "train")) for se in ("", "_se")}
                 rows.append(dict(game=game, method=m, seed=s, **values,
                                  day_last10=end_score(day, TEST, -np.inf, ends[game]),
-                                 night_last10=end_score(night, TEST, ends[game], np.inf)))
+                                 night_last10=end_score(night, TEST, ends[game], np.inf),
+                                 num_levels=levels_of(out, game, s)))
     return rows
+
+
+def regime(row):
+    """The game, and its N training levels where they are not the paper's 200: one table block and panel each."""
+    n = int(row["num_levels"])
+    return row["game"] if n == PAPER_LEVELS else f"{row['game']}, {n} levels"
+
+
+def ordered(rows):
+    """The rows by regime (in their first order), then method in METHODS' order, then seed: every game's table lists
+    the methods in one order."""
+    regimes = list(dict.fromkeys(map(regime, rows)))
+    return sorted(rows, key=lambda r: (regimes.index(regime(r)), list(METHODS).index(r["method"]), r["seed"]))
+
+
+def paired(rows, key, day, night):
+    """[(day, night)] of the rows of (regime, method) `key` that have both values."""
+    return np.array([(r[day], r[night]) for r in rows if (regime(r), r["method"]) == key
+                     and not np.isnan(r[day]) and not np.isnan(r[night])]).reshape(-1, 2)
 
 
 def final_table(rows):
     """The markdown table of the final evaluation: day, night and their change paired by seed, on test and train
-    levels; one line instead where no run has it."""
-    if all(np.isnan(r[c]) for r in rows for c in CSV_COLUMNS[3:11]):
+    levels, and the gap (train levels - test) with its change; one line instead where no run has it."""
+    if all(np.isnan(r[c]) for r in rows for c in METRICS[:8]):
         return ["No run has the final evaluation (the `final/*` scalars: these runs are older than it).", ""]
     lines = ["Each phase's final agent on many episodes of levels fixed by the seed alone, the same for the day and "
              "its nights; mean ± 95% CI (Student's t) over the seeds that have both; the change is night − day, "
-             "paired by seed. Per seed: final.csv.", "",
+             "paired by seed. The gap is the train-levels return minus the test return: a night that closes it "
+             "either raises the test return or loses the training levels. Per seed: final.csv.", "",
              "| game | method | seeds | test: day final | test: night final | test: paired change | "
              "train levels: day final | train levels: night final | train levels: paired change | "
-             "seeds to find a test change of 1 |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for key in dict.fromkeys((r["game"], r["method"]) for r in rows):
-        cells, counts, changes = [], [], []
-        for day, night in (("day_final", "night_final"), ("day_train_final", "night_train_final")):
-            pairs = np.array([(r[day], r[night]) for r in rows if (r["game"], r["method"]) == key
-                              and not np.isnan(r[day]) and not np.isnan(r[night])]).reshape(-1, 2)
-            counts.append(len(pairs))
-            changes.append(pairs[:, 1] - pairs[:, 0])
-            cells += [fmt(pairs[:, 0]), fmt(pairs[:, 1]), fmt(changes[-1])]
-        needed = seeds_needed(changes[0])
+             "gap: day final | gap: night final | gap: paired change | seeds to find a test change of 1 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key in dict.fromkeys((regime(r), r["method"]) for r in ordered(rows)):
+        test, train = (paired(rows, key, f"day_{k}final", f"night_{k}final") for k in ("", "train_"))
+        both = [r for r in rows if (regime(r), r["method"]) == key]
+        gap = paired([dict(r, day_gap=r["day_train_final"] - r["day_final"],
+                           night_gap=r["night_train_final"] - r["night_final"]) for r in both],
+                     key, "day_gap", "night_gap")
+        cells = [fmt(x) for pairs in (test, train, gap) for x in (pairs[:, 0], pairs[:, 1], pairs[:, 1] - pairs[:, 0])]
+        needed = seeds_needed(test[:, 1] - test[:, 0])
         cells.append("missing" if np.isnan(needed) else str(needed))
-        count = str(counts[0]) + (f" ({counts[1]} on train levels)" if counts[1] != counts[0] else "")
+        count = str(len(test)) + (f" ({len(train)} on train levels)" if len(train) != len(test) else "")
         lines.append(f"| {key[0]} | {LABELS[key[1]]} | {count} | " + " | ".join(cells) + " |")
     return lines + ["", "The last column: the seeds a paired test change of 1 point needs (95% confidence, 80% power, "
                     "Student's t) with the spread of the changes seen here.", ""]
@@ -376,25 +415,49 @@ CLAIMS = (("The nights raise the test return above the day's end (Fig. 4)",
            0.0))
 
 
-def verdict(changes, gain=0.0):
-    """The claim of a positive change judged on the 95% interval (Student's t) of `changes`: held above 0, not held
-    below 0, and (with gain > 0) "no gain of {gain}" when it lies below that gain; else cannot tell."""
+def p_value(changes, against=0.0):
+    """Student's t two-sided p-value of a mean change equal to `against` (NaN with under two changes)."""
+    changes = np.asarray(changes, float)
+    if len(changes) < 2:
+        return np.nan
+    if changes.std(ddof=1) == 0:  # no spread: the interval is the mean alone
+        return float(changes.mean() == against)
+    return float(stats.ttest_1samp(changes, against).pvalue)
+
+
+def holm(pvalues):
+    """Holm's step-down adjustment of a family of p-values (a NaN stays NaN and does not count)."""
+    p = np.asarray(pvalues, float)
+    adjusted, running = np.full(len(p), np.nan), 0.0
+    order = [i for i in np.argsort(p) if not np.isnan(p[i])]
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - k) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def verdict(changes, gain=0.0, p=None, p_gain=None):
+    """The claim of a positive change: held when its mean is above 0 at p < 0.05, not held when below (a loss) or,
+    with gain > 0, below `gain` at p_gain < 0.05; else cannot tell. `p`, `p_gain`: two-sided p-values against 0 and
+    `gain` (corrected for the comparisons made; by default uncorrected, the 95% interval's verdict)."""
     changes = np.asarray(changes, float)
     if len(changes) < 2:
         return "cannot tell (one seed)" if len(changes) else "missing"
-    mean, half = mean_ci(changes)
-    if mean - half > 0:
-        return "held"
-    if mean + half < 0:
-        return "not held (a loss)"
-    return f"not held (no gain of {gain:g})" if gain and mean + half < gain else "cannot tell"
+    p = p_value(changes) if p is None else p
+    p_gain = p_value(changes, gain) if p_gain is None and gain else p_gain
+    if p < 0.05:
+        return "held" if changes.mean() > 0 else "not held (a loss)"
+    if gain and p_gain < 0.05 and changes.mean() < gain:
+        return f"not held (no gain of {gain:g})"
+    return "cannot tell"
 
 
 def claims_table(rows):
-    """The CLAIMS judged per game on the final evaluation's test returns: each comparison's change paired by seed,
-    mean ± 95% CI over the seeds that have both sides, and its verdict."""
-    day = {(r["game"], r["seed"]): r["day_final"] for r in rows if not np.isnan(r["day_final"])}
-    night = {(r["game"], r["method"], r["seed"]): r["night_final"] for r in rows}
+    """The CLAIMS judged per game (and regime) on the final evaluation's test returns: each comparison's change paired
+    by seed, mean ± 95% CI over the seeds that have both sides, and its verdict, corrected for the game's number of
+    tests (Holm) and uncorrected."""
+    day = {(regime(r), r["seed"]): r["day_final"] for r in rows if not np.isnan(r["day_final"])}
+    night = {(regime(r), r["method"], r["seed"]): r["night_final"] for r in rows}
 
     def value(game, method, seed):
         """The seed's final test return of the day, of a night, or the mean of several nights'."""
@@ -403,17 +466,27 @@ def claims_table(rows):
         return day.get((game, seed), np.nan) if method == DAY else night.get((game, method, seed), np.nan)
 
     lines = ["Each comparison is a change of the final test return paired by seed (the same 500 levels), mean ± 95% CI "
-             "(Student's t) over the seeds that have both sides. Verdict: held when the interval lies above 0, not "
-             "held when below 0 (a loss) or, for the nights' own gain, below 1 point (the gain the study is sized "
-             "to find); otherwise cannot tell.", "",
-             "| game | claim | comparison | seeds | change | verdict |", "| --- | --- | --- | --- | --- | --- |"]
-    for game in dict.fromkeys(r["game"] for r in rows):
-        seeds = sorted({r["seed"] for r in rows if r["game"] == game})
-        for claim, comparisons, gain in CLAIMS:
-            for name, method, against in comparisons:
-                changes = [c for s in seeds if not np.isnan(c := value(game, method, s) - value(game, against, s))]
-                lines.append(f"| {game} | {claim} | {name} | {len(changes)} | {fmt(changes)} | "
-                             f"{verdict(changes, gain)} |")
+             "(Student's t, uncorrected) over the seeds that have both sides. Verdict: held when the change is above 0 "
+             "at p < 0.05, not held when below 0 (a loss) or, for the nights' own gain, below 1 point (the gain the "
+             "study is sized to find); otherwise cannot tell. Holm: the p-values corrected for every test of the "
+             "game (each comparison against 0, each night's gain against 1); beside it the uncorrected verdict, "
+             "the 95% interval's.", "",
+             "| game | claim | comparison | seeds | change | p (Holm) | verdict (Holm) | verdict (uncorrected) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for game in dict.fromkeys(regime(r) for r in ordered(rows)):
+        seeds = sorted({r["seed"] for r in rows if regime(r) == game})
+        tests = [(claim, name, gain, [c for s in seeds if not np.isnan(c := value(game, method, s)
+                                                                        - value(game, against, s))])
+                 for claim, comparisons, gain in CLAIMS for name, method, against in comparisons]
+        corrected = holm([p_value(c) for *_, c in tests] + [p_value(c, g) for _, _, g, c in tests if g])
+        p0, p_gain = corrected[:len(tests)], iter(corrected[len(tests):])
+        for (claim, name, gain, changes), p in zip(tests, p0):
+            pg = next(p_gain) if gain else None
+            shown = "" if np.isnan(p) else f"{p:.3f}" + (f"; {pg:.3f} against {gain:g}" if gain and not np.isnan(pg)
+                                                           else "")
+            lines.append(f"| {game} | {claim} | {name} | {len(changes)} | {fmt(changes)} | {shown or '-'} | "
+                         f"{verdict(changes, gain, p, pg) if len(changes) > 1 else verdict(changes)} | "
+                         f"{verdict(changes, gain)} |")
     return lines + [""]
 
 
@@ -483,21 +556,59 @@ def write_csv(rows, path):
 
 
 def read_csv_rows(paths):
-    """The rows of final.csv files (an empty field is NaN); a later file's row replaces an earlier one of the same
-    (game, method, seed). A file that is not such a CSV is refused in one line, naming it."""
+    """The rows of final.csv files (an empty field is NaN; a file without num_levels, older than it, has the paper's
+    200); a later file's row replaces an earlier one of the same (game, method, seed, num_levels). A file that is not
+    such a CSV is refused in one line, naming it."""
     rows = {}
     for path in paths:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            if missing := [c for c in CSV_COLUMNS if c not in (reader.fieldnames or ())]:
+            if missing := [c for c in CSV_COLUMNS[:-1] if c not in (reader.fieldnames or ())]:
                 sys.exit(f"--from-csv {path}: not a final.csv of benchmark/plot.py (no column {', '.join(missing)})")
             for r in reader:
                 if r["method"] not in METHODS:
                     sys.exit(f"--from-csv {path}: method {r['method']!r} is none of {', '.join(METHODS)}")
-                key = (r["game"], r["method"], int(r["seed"]))
-                rows[key] = dict(game=key[0], method=key[1], seed=key[2],
-                                 **{c: float(r[c]) if r[c] else np.nan for c in CSV_COLUMNS[3:]})
+                row = dict(game=r["game"], method=r["method"], seed=int(r["seed"]),
+                           **{c: float(r[c]) if r[c] else np.nan for c in METRICS},
+                           num_levels=int(r.get("num_levels") or PAPER_LEVELS))
+                rows[row["game"], row["method"], row["seed"], row["num_levels"]] = row
     return list(rows.values())
+
+
+def draw_paired(rows):
+    """The paired changes night − day of the final evaluation, per method: each seed's change a dot, the mean and
+    its 95% CI a bar; one column of panels per game and regime, the test return above, the gap below. The figure,
+    unsaved (None without any change)."""
+    rows = ordered(rows)
+    regimes = list(dict.fromkeys(map(regime, rows)))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    measures = (("test return: night − day", lambda r, when: r[f"{when}_final"]),
+                ("gap (train − test): night − day", lambda r, when: r[f"{when}_train_final"] - r[f"{when}_final"]))
+    fig, axes = plt.subplots(2, len(regimes), figsize=(4.2 * len(regimes), 0.45 * len(methods) * 2 + 2.5),
+                             squeeze=False, sharey=True)
+    drawn = False
+    for col, game in enumerate(regimes):
+        for ax, (label, measure) in zip(axes[:, col], measures):
+            for i, m in enumerate(methods):
+                changes = np.array([measure(r, "night") - measure(r, "day") for r in rows
+                                    if (regime(r), r["method"]) == (game, m)])
+                changes = changes[~np.isnan(changes)]
+                if not len(changes):
+                    continue
+                drawn = True
+                ax.plot(changes, np.full(len(changes), i) + np.linspace(-0.15, 0.15, len(changes)), "o",
+                        color=COLORS[m], alpha=0.5, markersize=4)
+                mean, half = mean_ci(changes)
+                ax.errorbar(mean, i, xerr=0 if np.isnan(half) else half, fmt="|", color="k", capsize=4,
+                            markersize=12)
+            ax.axvline(0, color="gray", linestyle="--", linewidth=1)
+            ax.set(title=game if label.startswith("test") else "", xlabel=label)
+    axes[0, 0].set_yticks(range(len(methods)), [LABELS[m] for m in methods])
+    axes[0, 0].invert_yaxis()
+    fig.suptitle("Final evaluation, night − day paired by seed: each seed a dot, the mean and its 95% CI "
+                 "(Student's t) a bar", fontsize=10)
+    fig.tight_layout()
+    return fig if drawn else plt.close(fig)
 
 
 def main(argv=None):
@@ -507,7 +618,8 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", help="instead of SEEDS (default: 1 2 3 4 5)")
     p.add_argument("--smooth", help="instead of SMOOTH: each seed's curve a trailing mean over this many evaluations "
                                     "(default 1: none)")
-    p.add_argument("--figures", nargs="+", choices=FIGURES, default=list(FIGURES))
+    p.add_argument("--figures", nargs="+", choices=FIGURES, default=list(PAPER_FIGURES),
+                   help="the figures (default fig3 fig4 fig5; control: the perfect-model control's)")
     p.add_argument("--gap-method", choices=METHODS, default="dreamer_random",
                    help="the method whose nights the generalization-gap figure shows")
     p.add_argument("--random-episodes", type=int, default=100)
@@ -515,13 +627,19 @@ def main(argv=None):
     p.add_argument("--csv", type=Path, help="also write final.csv here (e.g. under docs/)")
     p.add_argument("--from-csv", nargs="+", type=Path, metavar="CSV",
                    help="no runs: print the final evaluation's table and the claims from these final.csv files (a "
-                        "later file's row of the same game, method and seed wins); with --csv, write their rows there")
+                        "later file's row of the same game, method, seed and levels wins); with --csv, write their "
+                        "rows there")
+    p.add_argument("--paired", type=Path, metavar="PATH", help="with --from-csv: draw the paired changes to PATH.png "
+                                                               "and PATH.pdf")
     args = read_settings(p.parse_args(argv), ("envs", "seeds", "smooth"))
     if args.from_csv:
         rows = read_csv_rows(args.from_csv)
         if args.csv:
             write_csv(rows, args.csv)
-        say("\n".join(["## Final evaluation", "", *final_table(rows), "## The paper's claims", "", *claims_table(rows)]))
+        if args.paired and (fig := draw_paired(rows)):
+            save(fig, args.paired)
+        say("\n".join([f"Read from {', '.join(map(str, args.from_csv))}.", "", "## Final evaluation", "",
+                       *final_table(rows), "## The paper's claims", "", *claims_table(rows)]))
         return 0
     methods = methods_of(args.figures)
     data = load(args.out, args.envs, args.seeds, methods)
@@ -542,9 +660,12 @@ def main(argv=None):
     gap_method = args.gap_method if args.gap_method in methods else methods[0]
     save(draw_gap(data, args.envs, ends, gap_method, args.smooth), figures / "gap")
     lines, finals = table(data, args.envs, args.seeds, methods, ends, randoms)
-    rows = final_rows(data, args.envs, args.seeds, methods, ends)
+    lines = [f"Read from the runs in {args.out}.", "", *lines]
+    rows = final_rows(data, args.envs, args.seeds, methods, ends, args.out)
     for path in (figures / "final.csv", *([args.csv] if args.csv else [])):
         write_csv(rows, path)
+    if fig := draw_paired(rows):
+        save(fig, figures / "paired")
     lines += ["## Final evaluation (the same levels for the day and its nights)", "", *final_table(rows)]
     lines += ["## The paper's claims", "", *claims_table(rows)]
     lines += ["## Diagnostics", "", *diagnostics_table(data, args.envs, methods, ends)]

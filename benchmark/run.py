@@ -6,7 +6,9 @@ OUT/{game}/{method}/seed{S} (the day under method `day`), holding its TensorBoar
 (log.txt) and, once it has exited with 0, a DONE marker. Every run is started with --resume: running the
 same command again skips finished runs and continues unfinished ones from their last checkpoint, so an
 interrupted benchmark goes on where it stopped (delete a run's directory to redo it from scratch). A day
-that is (re)run makes its nights run again too (a night already finished just says so).
+that is (re)run makes its nights run again too (a night already finished just says so). `--figures control`
+runs the perfect-model control (benchmark/control.py: the night's rule on the real game) beside the Dreamer
+baseline's night; it is no figure of the paper, and starts over when run again (minutes at the CPU sizes).
 
 Settings come from the environment (the interface of the shell scripts) or the flags below:
 
@@ -15,7 +17,7 @@ Settings come from the environment (the interface of the shell scripts) or the f
   PRESET   paper (default: every size the paper's) | cpu (the CPU-sized protocol) | cpu-matched (the CPU
            sizes with the paper's ratios of replayed to real frames and of dreamed to real samples) | cpu-narrow
            (cpu-matched on 8 training levels, the paper's real steps per level; seed S's from level 1000 x S) |
-           tiny (tests)
+           cpu-overfit (cpu-narrow on 4 levels, where the day overfits: the second study's) | tiny (tests)
   WORKERS  local runs at once; default WORKERS_PER_GPU (default 4) per visible GPU, at most one per CPU
            core, or one per 2 CPU cores without a GPU. Runs on one GPU share it (it is idle most of the time).
   OUT      where runs (OUT/{game}/{method}/seed{S}) and figures (OUT/figures) go, default runs/benchmark
@@ -73,33 +75,37 @@ METHODS = {
     "valdiv": Method("dreamer_ppo_valdiv.py", (), False, "ValDreamer"),
     "full": Method("dreamer_ppo_full.py", (), False, "FullDreamer"),
     "offline": Method("dreamer_ppo_offline.py", (), True, "Offline"),
+    # not a method of the paper: the night's rule on the real game, as if the world model were perfect
+    "control": Method("benchmark/control.py", (), False, "Perfect model (control)"),
 }
 DAY = "day"  # the method name of a day run
 FIGURES = {
     "fig3": ("dreamer_random", "dreamer_collected"),
     "fig4": ("dreamer_random", "rnd", "deepdream", "valdiv", "offline"),
     "fig5": ("rnd", "deepdream", "valdiv", "full"),
+    "control": ("dreamer_random", "control"),  # the Dreamer baseline's night beside the same night on the real game
 }
 
+# The paper's ratios at the cpu preset's networks: each real frame replayed about 10 times (B_w L U_w / T_d =
+# 16 x 16 x 40 / 1000), as many dreamed samples by night as real ones by day, and the paper's PPO minibatches
+# (T_d / U_a = 200 real samples by day, B_a H = 192 dreamed by night).
+MATCHED = ("--day-epochs", "40", "--wm-updates", "40", "--day-steps", "1000", "--wm-batch-size", "16", "--seq-len", "16",
+           "--agent-updates", "5", "--categoricals", "16", "--classes", "16", "--rnn-units", "256", "--cnn-depth", "16",
+           "--mlp-units", "256", "--penalty", "0")
 # Size flags, identical for a day and its nights (a night refuses a day of other sizes), and the night epochs.
 PRESETS = {
     "paper": ((), None),
     "cpu": (("--day-epochs", "40", "--wm-updates", "20", "--day-steps", "5000", "--wm-batch-size", "16",
              "--seq-len", "16", "--categoricals", "16", "--classes", "16", "--rnn-units", "256", "--cnn-depth", "16",
              "--mlp-units", "256", "--penalty", "0"), "40"),
-    # The paper's ratios at the cpu preset's networks: each real frame replayed about 10 times (B_w L U_w / T_d =
-    # 16 x 16 x 40 / 1000), as many dreamed samples by night as real ones by day, and the paper's PPO minibatches
-    # (T_d / U_a = 200 real samples by day, B_a H = 192 dreamed by night).
-    "cpu-matched": (("--day-epochs", "40", "--wm-updates", "40", "--day-steps", "1000", "--wm-batch-size", "16",
-                     "--seq-len", "16", "--agent-updates", "5", "--categoricals", "16", "--classes", "16",
-                     "--rnn-units", "256", "--cnn-depth", "16", "--mlp-units", "256", "--penalty", "0"), "40"),
+    "cpu-matched": (MATCHED, "40"),
     # cpu-matched on a narrow slice of the levels: the paper's real steps per training level (1M / 200 = 5,000),
     # N = E_d T_d / 5,000 = 8 levels, each seed its own (from level 1000 x seed: `seed_flags`), so that the day overfits
     # them as the paper's agent overfits its 200; the tests still play every level.
-    "cpu-narrow": (("--day-epochs", "40", "--wm-updates", "40", "--day-steps", "1000", "--wm-batch-size", "16",
-                    "--seq-len", "16", "--agent-updates", "5", "--categoricals", "16", "--classes", "16",
-                    "--rnn-units", "256", "--cnn-depth", "16", "--mlp-units", "256", "--penalty", "0",
-                    "--num-levels", "8"), "40"),
+    "cpu-narrow": (MATCHED + ("--num-levels", "8"), "40"),
+    # The study's: cpu-narrow on 4 levels (10,000 real steps each), the first setting at which the pilot's days
+    # overfit their training levels (at 8 they hardly did; docs/study.md, "Where the day overfits").
+    "cpu-overfit": (MATCHED + ("--num-levels", "4"), "40"),
     "tiny": (("--wm-updates", "2", "--day-steps", "100", "--wm-batch-size", "4", "--seq-len", "8",
               "--agent-updates", "2", "--agent-batch-size", "4", "--horizon", "5", "--test-repetitions", "1",
               "--seed-episodes", "1", "--categoricals", "4", "--classes", "4", "--rnn-units", "32", "--cnn-depth",
@@ -119,12 +125,12 @@ DONE = "DONE"
 LOG = "log.txt"
 
 
-LEVELS_APART = 1000  # at cpu-narrow, seed S trains on the levels from LEVELS_APART x S
+LEVELS_APART = 1000  # at cpu-narrow and cpu-overfit, seed S trains on the levels from LEVELS_APART x S
 
 
 def seed_flags(preset, seed):
-    """The flags a preset sets from the seed: at cpu-narrow, the seed's own training levels."""
-    return ("--start-level", str(LEVELS_APART * seed)) if preset == "cpu-narrow" else ()
+    """The flags a preset sets from the seed: at cpu-narrow and cpu-overfit, the seed's own training levels."""
+    return ("--start-level", str(LEVELS_APART * seed)) if preset in ("cpu-narrow", "cpu-overfit") else ()
 
 
 def methods_of(figures):

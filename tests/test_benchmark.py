@@ -109,14 +109,15 @@ def test_dry_run_cpu_preset(tmp_path):
     assert flag(day, "--rnn-units") == flag(night, "--rnn-units") == "256" and flag(night, "--penalty") == "0"
 
 
-def test_dry_run_narrow_preset_gives_each_seed_its_levels(tmp_path):
-    # cpu-narrow: cpu-matched's sizes on 8 training levels, seed S's from level 1000 S, the same for a day and its nights
-    cmds = dry_run("fig4", tmp_path, ENVS="coinrun", SEEDS="3 12", PRESET="cpu-narrow")[:-1]
+@pytest.mark.parametrize("preset, levels", [("cpu-narrow", "8"), ("cpu-overfit", "4")])
+def test_dry_run_narrow_presets_give_each_seed_its_levels(tmp_path, preset, levels):
+    # cpu-matched's sizes on N training levels, seed S's from level 1000 S, the same for a day and its nights
+    cmds = dry_run("fig4", tmp_path, ENVS="coinrun", SEEDS="3 12", PRESET=preset)[:-1]
     matched = dry_run("fig4", tmp_path / "matched", ENVS="coinrun", SEEDS="3", PRESET="cpu-matched")[0]
     assert len(cmds) == 12
     for cmd in cmds:
         seed = int(flag(cmd, "--seed"))
-        assert flag(cmd, "--num-levels") == "8" and flag(cmd, "--start-level") == str(1000 * seed)
+        assert flag(cmd, "--num-levels") == levels and flag(cmd, "--start-level") == str(1000 * seed)
         assert all(flag(cmd, f) == flag(matched, f) for f in ("--day-epochs", "--day-steps", "--wm-updates",
                                                               "--rnn-units", "--penalty"))
     assert "--start-level" not in matched and "--num-levels" not in matched
@@ -126,7 +127,7 @@ def test_dry_run_narrow_preset_gives_each_seed_its_levels(tmp_path):
 @pytest.mark.parametrize("variables, allowed", [
     (dict(SEEDS="abc"), "'abc' is not a seed; seeds are whole numbers, 0 <= seed < 2^31"),
     (dict(SEEDS="1 -1"), "'-1' is not a seed"), (dict(SEEDS="2147483648"), "0 <= seed < 2^31"),
-    (dict(SEEDS=""), "at least one seed"), (dict(PRESET="huge"), "one of paper, cpu, cpu-matched, cpu-narrow, tiny"),
+    (dict(SEEDS=""), "at least one seed"), (dict(PRESET="huge"), "one of paper, cpu, cpu-matched, cpu-narrow, cpu-overfit, tiny"),
     (dict(SEEDS="1 2147483", PRESET="cpu-narrow"), "at most 2147482 at PRESET=cpu-narrow"),
     (dict(WORKERS="-2"), "a whole number, 1 or more"), (dict(WORKERS="0"), "a whole number, 1 or more"),
     (dict(WORKERS_PER_GPU="four"), "1 or more"), (dict(SMOOTH="0"), "1 or more"),
@@ -503,11 +504,14 @@ def test_final_evaluation_paired_by_seed(synthetic):
     sd = np.std([0.5, 1.5, 4.0], ddof=1)
     assert needed == 28 and all((stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * sd / np.sqrt(n) > 1
                                 for n in range(2, 28))
+    # the gap (train - test): the day's 10 on every seed, the night's 11 - FINAL_CHANGE[seed]
     assert rows["RndDreamer"] == ["3", f"12.00 ± {t:.2f}", f"14.00 ± {night:.2f}", f"2.00 ± {change:.2f}",
-                                  f"22.00 ± {t:.2f}", f"23.00 ± {t:.2f}", "1.00 ± 0.00", "28 |"]
+                                  f"22.00 ± {t:.2f}", f"23.00 ± {t:.2f}", "1.00 ± 0.00",
+                                  "10.00 ± 0.00", f"9.00 ± {change:.2f}", f"-1.00 ± {change:.2f}", "28 |"]
     # seed 1 without a final evaluation, seed 3 without a night: seed 2 alone
-    assert rows["Offline"] == ["1", "12.00", "13.50", "1.50", "22.00", "23.00", "1.00", "missing |"]
-    assert rows["FullDreamer"] == ["0"] + ["missing"] * 5 + ["missing", "missing |"]
+    assert rows["Offline"] == ["1", "12.00", "13.50", "1.50", "22.00", "23.00", "1.00", "10.00", "9.50", "-0.50",
+                               "missing |"]
+    assert rows["FullDreamer"] == ["0"] + ["missing"] * 9 + ["missing |"]
 
 
 def test_diagnostics_tables(synthetic):
@@ -541,13 +545,16 @@ def test_claims_judged_on_paired_changes(synthetic):
                                               if line.startswith("| coinrun | "))}
     t = stats.t.ppf(0.975, 2) / np.sqrt(3)
     change = t * np.std([0.5, 1.5, 4.0], ddof=1)  # every night ends FINAL_CHANGE[seed] above its day
-    assert rows["RndDreamer − day"] == ["3", f"2.00 ± {change:.2f}", "cannot tell |"]
+    # | seeds | change | p (Holm) | verdict (Holm) | verdict (uncorrected) |
+    assert rows["RndDreamer − day"][:2] == ["3", f"2.00 ± {change:.2f}"]
+    assert rows["RndDreamer − day"][3:] == ["cannot tell", "cannot tell |"]
+    assert float(rows["RndDreamer − day"][2].split(";")[0]) >= stats.ttest_1samp([0.5, 1.5, 4.0], 0).pvalue
     # the nights of a seed end equal: a change of exactly 0 on every seed is no evidence either way
-    assert rows["ValDreamer − Dreamer (random init.)"] == ["2", "0.00 ± 0.00", "cannot tell |"]
-    assert rows["Offline − day"] == ["1", "1.50", "cannot tell (one seed) |"]  # seed 2 alone has both
-    assert rows["FullDreamer − day"] == ["0", "missing", "missing |"]
+    assert rows["ValDreamer − Dreamer (random init.)"] == ["2", "0.00 ± 0.00", "1.000", "cannot tell", "cannot tell |"]
+    assert rows["Offline − day"] == ["1", "1.50", "-", "cannot tell (one seed)", "cannot tell (one seed) |"]
+    assert rows["FullDreamer − day"] == ["0", "missing", "-", "missing", "missing |"]
     # seed 1's Offline has no final evaluation, seed 2's ValDreamer is unfinished, seed 3 has no Offline night
-    assert rows["the three dreamers' mean − Offline"] == ["0", "missing", "missing |"]
+    assert rows["the three dreamers' mean − Offline"] == ["0", "missing", "-", "missing", "missing |"]
 
 
 def test_claims_compare_a_mean_of_nights_with_another_night():
@@ -555,10 +562,28 @@ def test_claims_compare_a_mean_of_nights_with_another_night():
     night = dict(rnd=1.0, deepdream=2.0, valdiv=6.0, offline=0.5)  # + seed: the dreamers' mean - Offline is 2.5
     rows = [dict(game="coinrun", method=m, seed=s, day_final=0.0, night_final=v + s)
             for s in (1, 2) for m, v in night.items()]
-    lines = [line.split(" | ")[2:] for line in plot.claims_table(rows) if line.startswith("| coinrun | ")]
-    assert ["the three dreamers' mean − Offline", "2", "2.50 ± 0.00", "held |"] in lines
-    assert ["RndDreamer − day", "2", f"2.50 ± {stats.t.ppf(0.975, 1) * np.std([2, 3], ddof=1) / np.sqrt(2):.2f}",
-            "cannot tell |"] in lines
+    rows = [dict(r, num_levels=200) for r in rows]
+    lines = {cells[0]: cells[1:] for cells in (line.split(" | ")[2:] for line in plot.claims_table(rows)
+                                               if line.startswith("| coinrun | "))}
+    assert lines["the three dreamers' mean − Offline"] == ["2", "2.50 ± 0.00", "0.000", "held", "held |"]
+    assert lines["RndDreamer − day"][:2] == [
+        "2", f"2.50 ± {stats.t.ppf(0.975, 1) * np.std([2, 3], ddof=1) / np.sqrt(2):.2f}"]
+    assert lines["RndDreamer − day"][3:] == ["cannot tell", "cannot tell |"]
+
+
+def test_holm_corrects_for_the_games_comparisons():
+    # Holm's step-down: the smallest of m p-values times m, the next times m - 1, ..., never below the one before
+    assert plot.holm([0.01, 0.04, 0.03, np.nan]) == pytest.approx([0.03, 0.06, 0.06, np.nan], nan_ok=True)
+    # a change held at 95% alone (p = 0.017) but not among the game's many comparisons
+    night = dict(rnd=[0.7, 0.6, 0.5], deepdream=[1.0, -1.0, 0.0], valdiv=[1.0, -1.0, 0.0])
+    rows = [dict(game="coinrun", method=m, seed=s, day_final=0.0, night_final=v[s - 1], num_levels=8)
+            for m, v in night.items() for s in (1, 2, 3)]
+    lines = {cells[1]: cells[2:] for cells in (line.split(" | ")[1:] for line in plot.claims_table(rows)
+                                               if line.startswith("| coinrun, 8 levels | "))}
+    # the game's six tests: each night against 0 and against a gain of 1; RndDreamer's are the two smallest
+    p0, p1 = stats.ttest_1samp([0.7, 0.6, 0.5], 0).pvalue, stats.ttest_1samp([0.7, 0.6, 0.5], 1).pvalue
+    assert p0 < p1 < 0.05 < 6 * p0
+    assert lines["RndDreamer − day"][2:] == [f"{6 * p0:.3f}; {5 * p1:.3f} against 1", "cannot tell", "held |"]
 
 
 def test_verdict_from_the_interval():
@@ -577,13 +602,14 @@ def test_final_csv(synthetic):
     rows = list(csv.DictReader(text.splitlines()))
     assert list(rows[0]) == ["game", "method", "seed", "day_final", "day_final_se", "night_final", "night_final_se",
                              "day_train_final", "day_train_final_se", "night_train_final", "night_train_final_se",
-                             "day_last10", "night_last10"]
-    assert [(r["method"], r["seed"]) for r in rows] == [(m, str(s)) for m in runner.METHODS for s in (1, 2, 3)]
+                             "day_last10", "night_last10", "num_levels"]
+    assert [(r["method"], r["seed"]) for r in rows] == [(m, str(s)) for m in runner.methods_of(plot.PAPER_FIGURES)
+                                                        for s in (1, 2, 3)]
     by = {(r["method"], int(r["seed"])): r for r in rows}
     assert by["rnd", 2] == dict(game="coinrun", method="rnd", seed="2", day_final="12", day_final_se="0.1",
                                 night_final="13.5", night_final_se="0.2", day_train_final="22",
                                 day_train_final_se="0.1", night_train_final="23", night_train_final_se="0.2",
-                                day_last10="2", night_last10="4")
+                                day_last10="2", night_last10="4", num_levels="200")
     assert by["offline", 1]["night_final"] == by["offline", 1]["night_train_final_se"] == ""  # an older run
     assert by["offline", 1]["day_final"] == "11" and by["offline", 1]["night_last10"] == "2"
     assert by["offline", 3]["night_last10"] == by["valdiv", 2]["night_final"] == "" != by["valdiv", 2]["day_final"]
@@ -620,6 +646,64 @@ def test_final_table_says_when_no_run_has_it():
     rows = [dict(game="coinrun", method="rnd", seed=1, **{c: np.nan for c in plot.CSV_COLUMNS[3:]})]
     assert plot.final_table(rows)[0] == "No run has the final evaluation (the `final/*` scalars: these runs are " \
                                         "older than it)."
+
+
+def two_regimes():
+    """coinrun on 200 levels (2 seeds) and on 8 (3 seeds), ValDreamer's rows before RndDreamer's: the final
+    evaluation, night - day = method's offset + seed / 10 on test levels, the training levels 1 point above."""
+    offset = dict(valdiv=-1.0, rnd=0.5)
+    return [dict(game="coinrun", method=m, seed=s, num_levels=n, day_final=5.0, night_final=5.0 + o + s / 10,
+                 day_train_final=6.0, night_train_final=6.0 + o + s / 10 + (n == 8), day_final_se=0.1,
+                 night_final_se=0.1, day_train_final_se=0.1, night_train_final_se=0.1, day_last10=np.nan,
+                 night_last10=np.nan)
+            for n, seeds in ((200, (1, 2)), (8, (1, 2, 3))) for m, o in offset.items() for s in seeds]
+
+
+def test_regimes_apart_and_methods_in_one_order(tmp_path, capsys):
+    # the same game on other training levels is another block of every table, named with its levels; each lists
+    # the methods in METHODS' order whatever the rows' order; the CSV keeps the levels, and an older CSV without
+    # them reads as the paper's 200
+    table = plot.final_table(two_regimes())
+    blocks = [line.split(" | ")[:2] for line in table if line.startswith("| coinrun")]
+    assert blocks == [["| coinrun", "RndDreamer"], ["| coinrun", "ValDreamer"], ["| coinrun, 8 levels", "RndDreamer"],
+                      ["| coinrun, 8 levels", "ValDreamer"]]
+    gap = [line.split(" | ")[9:12] for line in table if line.startswith("| coinrun, 8 levels | RndDreamer")][0]
+    assert gap == ["1.00 ± 0.00", "2.00 ± 0.00", "1.00 ± 0.00"]  # the night widens the gap on 8 levels
+    plot.write_csv(two_regimes(), tmp_path / "new.csv")
+    old = tmp_path / "old.csv"
+    old.write_text("\n".join(",".join(line.split(",")[:-1]) for line in (tmp_path / "new.csv").read_text().splitlines()
+                             if not line.endswith(",8")) + "\n")
+    assert "num_levels" not in old.read_text()
+    rows = plot.read_csv_rows([tmp_path / "new.csv", old])
+    assert len(rows) == 10 and sorted({r["num_levels"] for r in rows}) == [8, 200]
+    assert plot.main(["--from-csv", str(old), str(tmp_path / "new.csv"), "--paired", str(tmp_path / "paired")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"Read from {old}, {tmp_path / 'new.csv'}.")
+    assert "| coinrun, 8 levels | The nights raise" in out and (tmp_path / "paired.png").exists()
+
+
+def test_paired_changes_drawn_per_seed_with_their_mean():
+    fig = plot.draw_paired(two_regimes())
+    test_8 = fig.axes[1]  # top row: test return; one column per regime (200, then 8 levels)
+    assert test_8.get_title() == "coinrun, 8 levels" and len(fig.axes) == 4
+    dots = {tuple(np.round(line.get_xdata(), 6)) for line in test_8.get_lines() if line.get_marker() == "o"}
+    assert dots == {(0.6, 0.7, 0.8), (-0.9, -0.8, -0.7)}  # each seed's night - day
+    bars = [c for c in test_8.containers]  # errorbar: the mean, its 95% CI
+    assert sorted(round(float(b.lines[0].get_xdata()[0]), 6) for b in bars) == [-0.8, 0.7]
+    half = stats.t.ppf(0.975, 2) * 0.1 / np.sqrt(3)
+    segment = bars[0].lines[2][0].get_segments()[0]
+    assert abs(segment[1][0] - segment[0][0]) == pytest.approx(2 * half)
+    assert plot.draw_paired([dict(r, night_final=np.nan, night_train_final=np.nan) for r in two_regimes()]) is None
+
+
+def test_the_runs_levels_come_from_the_days_command(tmp_path):
+    day = runner.run_dir(tmp_path, "coinrun", runner.DAY, 4)
+    day.mkdir(parents=True)
+    (day / runner.DONE).write_text(json.dumps(dict(cmd=["python", "dreamer_ppo.py", "--num-levels", "200",
+                                                        "--num-levels", "8"])))
+    assert plot.levels_of(tmp_path, "coinrun", 4) == 8  # the last given wins, as for the script
+    (day / runner.DONE).write_text("{}")  # a marker without the command: the paper's
+    assert plot.levels_of(tmp_path, "coinrun", 4) == plot.levels_of(tmp_path, "coinrun", 5) == 200
 
 
 def lines_of(fig):
@@ -740,7 +824,7 @@ def test_all_at_tiny_size(tmp_path):
     for name in ("fig3", "fig4", "fig5", "gap", "aggregate"):
         assert (tmp_path / "figures" / f"{name}.png").exists()
     table = (tmp_path / "figures" / "results.md").read_text()
-    for method in runner.METHODS.values():
+    for method in map(runner.METHODS.get, runner.methods_of(plot.PAPER_FIGURES)):
         assert row(table, method.label)[0] == "2/2" and "missing" not in row(table, method.label)[1]
 
 
