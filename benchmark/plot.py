@@ -33,6 +33,7 @@ import argparse
 import csv
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -605,8 +606,8 @@ def draw_paired(rows):
             ax.set(title=game if label.startswith("test") else "", xlabel=label)
     axes[0, 0].set_yticks(range(len(methods)), [LABELS[m] for m in methods])
     axes[0, 0].invert_yaxis()
-    fig.suptitle("Final evaluation, night − day paired by seed: each seed a dot, the mean and its 95% CI "
-                 "(Student's t) a bar", fontsize=10)
+    title = "Final evaluation, night − day paired by seed: each seed a dot, the mean and its 95% CI (Student's t) a bar"
+    fig.suptitle(textwrap.fill(title, 12 * 4 * len(regimes)), fontsize=10)  # about 12 characters an inch
     fig.tight_layout()
     return fig if drawn else plt.close(fig)
 
