@@ -486,7 +486,7 @@ def claims_table(rows):
             shown = "" if np.isnan(p) else f"{p:.3f}" + (f"; {pg:.3f} against {gain:g}" if gain and not np.isnan(pg)
                                                            else "")
             lines.append(f"| {game} | {claim} | {name} | {len(changes)} | {fmt(changes)} | {shown or '-'} | "
-                         f"{verdict(changes, gain, p, pg) if len(changes) > 1 else verdict(changes)} | "
+                         f"{verdict(changes, gain, p, pg)} | "
                          f"{verdict(changes, gain)} |")
     return lines + [""]
 
