@@ -208,6 +208,22 @@ def flat_batch(n, feat_dim, seed=0):
                 targets=torch.randn(n, generator=g) * 3, weights=torch.ones(n))
 
 
+def test_ppo_objective_clips_the_ratio_by_hand(args):
+    # eps = 0.2: r = 1.5 and r = 0.5 lie beyond [0.8, 1.2], r = 1.1 inside; -min(r A, clip(r, 0.8, 1.2) A)
+    assert args.clip_coef == 0.2
+    ratios = torch.tensor([1.5, 1.5, 0.5, 0.5, 1.1, 1.1], dtype=torch.float64)
+    advantages = torch.tensor([1.0, -1.0, 2.0, -2.0, 3.0, -3.0], dtype=torch.float64)
+    old = torch.full((6,), -1.0, dtype=torch.float64)
+    logprob = (old + ratios.log()).requires_grad_(True)
+    loss, clipped = dreamer_ppo.ppo_objective(logprob, dict(logprobs=old), advantages, args)
+    # -min(1.5, 1.2), -min(-1.5, -1.2), -min(1.0, 1.6), -min(-1.0, -1.6), -min(3.3, 3.3), -min(-3.3, -3.3)
+    assert loss.tolist() == pytest.approx([-1.2, 1.5, -1.0, 1.6, -3.3, 3.3])
+    assert clipped.tolist() == [True, True, True, True, False, False]
+    loss.sum().backward()
+    # d(-r A)/d log pi = -r A where the unclipped term is the minimum, 0 where the clipped one is
+    assert logprob.grad.tolist() == pytest.approx([0.0, 1.5, -1.0, 0.0, -3.3, 3.3])
+
+
 def test_ppo_update_follows_the_advantage(models):
     wm, agent = models
     args = tiny_args(update_epochs=4, agent_updates=2)
@@ -281,14 +297,20 @@ def test_train_agent_hands_gae_and_targets_to_ppo(args, models, monkeypatch):
     wm, agent = models
     T, N = 4, 3
     g = torch.Generator().manual_seed(0)
+    conts = torch.ones(T, N)
+    conts[1, 0] = 0.0  # environment 0's episode ends at step 1: d_1 = gamma c_2 = 0
     traj = dict(states=torch.randn(T, N, wm.feat_dim, generator=g), actions=torch.randint(NUM_ACTIONS, (T, N)),
                 logprobs=torch.full((T, N), -math.log(NUM_ACTIONS)), values=torch.full((T, N), 2.0),
-                next_values=torch.full((T, N), 2.0), rewards=torch.full((T, N), 1000.0), conts=torch.ones(T, N),
+                next_values=torch.full((T, N), 2.0), rewards=torch.full((T, N), 1000.0), conts=conts,
                 weights=torch.ones(T, N))
     seen = {}
     monkeypatch.setattr(dreamer_ppo, "ppo_update", lambda agent, opt, scale, batch, *a: seen.update(batch) or {})
     train_agent(agent, None, ReturnScale(0.99), traj, 0.5, args, CPU)
-    expected_adv = gae(traj["rewards"], traj["values"], traj["next_values"], 0.5 * traj["conts"], args.gae_lambda)
+    # by hand, gamma = 0.5: delta = 1000 + 0.5 * 2 - 2 = 999 where the episode goes on, 1000 - 2 = 998 at its end
+    lam = args.gae_lambda
+    ended = [999 + 0.5 * lam * 998, 998.0, 999 + 0.5 * lam * 999, 999.0]
+    going = [999 * sum((0.5 * lam) ** k for k in range(T - t)) for t in range(T)]
+    expected_adv = torch.tensor([[e] + [o] * (N - 1) for e, o in zip(ended, going)])
     assert torch.allclose(seen["advantages"], expected_adv.flatten())
     assert torch.allclose(seen["targets"], (expected_adv + 2.0).flatten())  # V_target = A + v (Eq. 8)
     assert seen["states"].shape == (T * N, wm.feat_dim)

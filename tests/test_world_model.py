@@ -350,10 +350,12 @@ def test_layer_norms_use_dreamerv3s_epsilon(args, models):
 
 class Oracle:
     """A world-model stand-in that knows the data: a state h is (environment, step), read off a frame's stamp; it
-    predicts the stored reward, continuation and frame of its step, or (`wrong`) none of them."""
+    predicts the stored reward (times `reward_factor`), continuation and frame of its step, or (`wrong`) none of
+    them."""
 
-    def __init__(self, dataset, wrong=False):
+    def __init__(self, dataset, wrong=False, reward_factor=1.0):
         self.data, self.wrong = {k: torch.as_tensor(v) for k, v in dataset.data.items()}, wrong
+        self.reward_factor = reward_factor
 
     def observe(self, obs, actions, conts, is_first, generator=None):
         return obs[..., 0, 0, :2].flip(-1).float(), torch.zeros(*obs.shape[:2], 2, 2), None, None, None
@@ -370,7 +372,7 @@ class Oracle:
     def heads(self, feat):
         env, t = self.lookup(feat)
         reward, cont = self.data["rewards"][env, t - 1], self.data["conts"][env, t - 1]  # r_t, c_t stored at t - 1
-        return (torch.zeros_like(reward), 1 - cont) if self.wrong else (reward, cont)
+        return (torch.zeros_like(reward), 1 - cont) if self.wrong else (self.reward_factor * reward, cont)
 
     def decoder(self, feat):
         env, t = self.lookup(feat)
@@ -387,11 +389,8 @@ class ImageLog(RecordingLog):
         self.images.append((tag, tuple(image.shape), step))
 
 
-@pytest.mark.parametrize("wrong", [False, True])
-def test_open_loop_metrics_of_a_perfect_and_a_wrong_model(wrong):
-    # Frames stamped with their step (and environment), a reward every third step, an episode end every 11th. Half of
-    # the windows hold an event (a reward or an end) in their horizon; all count for the recalls.
-    num_envs, steps = 2, 120
+def stamped_dataset(num_envs=2, steps=120):
+    """Frames stamped with their step (and environment), a reward of 2 every third step, an episode end every 11th."""
     dataset = ReplayDataset(num_envs, steps)
     rng = np.random.RandomState(0)
     for t in range(steps):
@@ -400,6 +399,13 @@ def test_open_loop_metrics_of_a_perfect_and_a_wrong_model(wrong):
         dataset.add(obs=obs, actions=np.zeros(num_envs), rewards=np.full(num_envs, 2.0 if t % 3 == 0 else 0.0),
                     conts=np.full(num_envs, 0.0 if t % 11 == 10 else 1.0), is_first=np.full(num_envs, t % 11 == 0),
                     logprobs=np.zeros(num_envs))
+    return dataset
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_open_loop_metrics_of_a_perfect_and_a_wrong_model(wrong):
+    # Half of the windows hold an event (a reward or an end) in their horizon; all count for the recalls.
+    dataset = stamped_dataset()
     args = tiny_args(wm_batch_size=16, burn_in=3, horizon=5, dream_images_every=1)
     log = ImageLog()
     dreamer_ppo.open_loop(Oracle(dataset, wrong), dataset, 0, args, CPU, log, 700, 1)
@@ -413,6 +419,20 @@ def test_open_loop_metrics_of_a_perfect_and_a_wrong_model(wrong):
     if wrong:
         assert logged["reward_error"] > 0.3 and logged["image_mse"] > 0.05
     assert log.images == [("openloop/truth_prediction_error", (3, 6 * 64, 5 * 64), 700)]
+
+
+@pytest.mark.parametrize("factor, recall", [(0.6, 1.0), (0.4, 0.0), (1.4, 1.0), (1.6, 0.0)])
+def test_open_loop_recalls_a_reward_predicted_within_half_of_it(factor, recall):
+    # A reward r counts as recalled where the prediction is off by less than |r| / 2: 0.6 r and 1.4 r are; 0.4 r and
+    # 1.6 r are not, though they are nearer to r than 0 is.
+    dataset = stamped_dataset()
+    args = tiny_args(wm_batch_size=16, burn_in=3, horizon=5, dream_images_every=0)
+    log = RecordingLog()
+    dreamer_ppo.open_loop(Oracle(dataset, reward_factor=factor), dataset, 0, args, CPU, log, 700, 1)
+    logged = {tag.removeprefix("openloop/"): value for tag, _, value in log.points}
+    assert logged["rewards_seen"] > 0
+    assert logged["reward_recall"] == recall
+    assert logged["reward_error"] > 0 and logged["end_recall"] == 1.0
 
 
 def test_open_loop_recalls_count_windows_drawn_around_the_rare_events():
