@@ -46,7 +46,10 @@ def test_requires_python_admits_the_versions_procgen_has_wheels_for():
 
 def test_quick_start_follows_the_readmes_own_advice():
     text = quick_start()
-    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in text
+    # a user who copies the code block on a CPU-only machine installs CPU torch before the project pulls torch in
+    block = text[text.index("```bash"): text.index("```", text.index("```bash") + 1)]
+    cpu_torch = block.find("\npip install torch --index-url https://download.pytorch.org/whl/cpu\n")
+    assert 0 < cpu_torch < block.index("pip install -e .")
     command = re.search(r"OMP_NUM_THREADS=1 python dreamer_ppo\.py (.*?)\n\n", text.replace("\\\n", " "), re.S)
     assert command, "the quick start runs dreamer_ppo.py with OMP_NUM_THREADS=1"
     flags = command.group(1).split()
