@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dreamer_ppo
+from tools.sync_blocks import blocks
 
 # On a 2-core machine that is also busy with other work, torch's intra-op thread pool thrashes: a tiny
 # evaluation that takes 1 s with one thread took over a minute with two. Tests run single-threaded.
@@ -135,7 +136,15 @@ def coinrun_dataset():
 
 
 # %% the variants: dreamer_ppo.py with one transformation of the dreams each (dreamer_ppo_{name}.py)
-VARIANTS = ("random", "deepdream", "valdiv", "full")
+def find_variants(root):
+    """The names of the dreamer_ppo_{name}.py scripts in `root` that transform their dreams (a `transformation`
+    block), sorted: a fork saved beside the others is run by every per-variant test; the Offline baseline, which
+    spends its night on real data, is not one."""
+    return tuple(sorted(path.stem.removeprefix("dreamer_ppo_") for path in Path(root).glob("dreamer_ppo_*.py")
+                        if "transformation" in blocks(path)))
+
+
+VARIANTS = find_variants(SCRIPT.parent)
 
 
 def run_variant(name, args, cwd):

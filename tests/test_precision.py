@@ -12,10 +12,11 @@ import torch
 
 import dreamer_ppo
 from conftest import CPU, SIZE_FLAGS, TINY, VARIANTS, make_models, tiny_args
+from test_blocks import SCRIPTS as PATHS
 from test_end_to_end import scalars, single_run_dir
 from test_transformations import ROOT, variant_args
 
-SCRIPTS = ("dreamer_ppo", *(f"dreamer_ppo_{name}" for name in (*VARIANTS, "offline")))
+SCRIPTS = tuple(path.stem for path in PATHS)  # every script in the repository, dreamer_ppo first
 # Runs a script as `python SCRIPT ARGS` would, on a CPU that says it has native bf16.
 PRETEND_BF16 = ("import runpy, sys, torch; torch.cpu._is_avx512_bf16_supported = lambda: True; "
                 "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")

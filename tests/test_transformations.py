@@ -5,6 +5,9 @@ deviations wide: the statistical tests cannot flake."""
 import dataclasses
 import importlib
 import inspect
+import re
+import shutil
+import typing
 
 import pytest
 import torch
@@ -13,13 +16,11 @@ import tyro
 
 import dreamer_ppo
 
-from conftest import TINY, VARIANTS, is_onehot, make_models
+from conftest import TINY, VARIANTS, find_variants, is_onehot, make_models
 from test_blocks import ROOT, VARIANT_BLOCKS, blocks
 
 MODULES = {name: importlib.import_module(f"dreamer_ppo_{name}") for name in VARIANTS}
 SINGLES = ("random", "deepdream", "valdiv")  # FullDreamer mixes these three
-ALL_FLAGS = ("p_swing", "deepdream_steps", "deepdream_lr", "deepdream_step", "valdiv_steps", "valdiv_lr",
-             "valdiv_init_noise")
 
 
 def variant_args(name, **changes):
@@ -152,6 +153,17 @@ def test_value_diversification_flips_classes_of_z_on_a_steep_critic():
 
 
 # %% every variant
+def test_a_variant_saved_beside_the_others_is_found(tmp_path):
+    """The per-variant tests run every dreamer_ppo_{name}.py with a transformation: a fork is found by its file; the
+    baseline and the Offline baseline (no dreams) are not variants; the paper's four are found in the repository."""
+    for script in ("dreamer_ppo.py", "dreamer_ppo_random.py", "dreamer_ppo_offline.py"):
+        shutil.copy(ROOT / script, tmp_path / script)
+    shutil.copy(ROOT / "dreamer_ppo_random.py", tmp_path / "dreamer_ppo_myidea.py")
+    (tmp_path / "dreamer_ppo_notes.md").write_text("# %% transformation\n")
+    assert find_variants(tmp_path) == ("myidea", "random")
+    assert {"random", "deepdream", "valdiv", "full"} <= set(VARIANTS) and "offline" not in VARIANTS
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_variant_is_the_baseline_but_for_its_transformation(name):
     """`diff dreamer_ppo.py dreamer_ppo_{name}.py` shows the transformation, its flags and the docstring only."""
@@ -274,16 +286,31 @@ def test_check_args_refuses_bad_transformation_flags(name, changes, flag, words)
         assert word in message
 
 
+def other_value(field):
+    """The command-line tokens that set a flag to a value other than its default (another of a Literal's choices,
+    the other boolean, else 1), and that value."""
+    flag = "--" + field.name.replace("_", "-")
+    if field.type is bool:
+        return [flag if not field.default else "--no-" + flag[2:]], not field.default
+    choices = typing.get_args(field.type) if typing.get_origin(field.type) is typing.Literal else ()
+    value = next(c for c in choices if c != field.default) if choices else field.type(1)
+    return [flag, str(value)], value
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_transformation_flags_parse_with_the_paper_defaults(name):
+    """A variant's flags beyond the baseline's are those of its `transformation args` block, at the paper's values
+    where the paper gives one, and each parses from the command line."""
     module = MODULES[name]
-    new = {f.name for f in dataclasses.fields(module.Args)} - {f.name for f in dataclasses.fields(dreamer_ppo.Args)}
+    baseline = {f.name for f in dataclasses.fields(dreamer_ppo.Args)}
+    new = [f for f in dataclasses.fields(module.Args) if f.name not in baseline]
+    declared = [re.match(r"\s+(\w+):", line) for line in blocks(module.__file__)["transformation args"]]
+    assert {f.name for f in new} == {m.group(1) for m in declared if m}
     paper = dict(p_swing=0.5, deepdream_steps=10, deepdream_lr=0.1, valdiv_steps=10, valdiv_lr=0.5,
                  deepdream_step="normalized")  # DeepDream's own step (Mordvintsev et al., 2015)
-    assert new == {f for f in ALL_FLAGS if name == "full" or f.startswith(("p_" if name == "random" else name))}
     args = tyro.cli(module.Args, args=[])
-    assert all(getattr(args, f) == paper[f] for f in new & paper.keys())
+    assert all(getattr(args, f.name) == paper[f.name] for f in new if f.name in paper)
     module.check_args(variant_args(name))
-    given = {f: "raw" if f == "deepdream_step" else "1" for f in new}
-    parsed = tyro.cli(module.Args, args=[token for f in sorted(new) for token in ("--" + f.replace("_", "-"), given[f])])
-    assert all(str(getattr(parsed, f)) in (given[f], "1.0") for f in new)
+    given = {f.name: other_value(f) for f in new}
+    parsed = tyro.cli(module.Args, args=[token for tokens, _ in given.values() for token in tokens])
+    assert {f: getattr(parsed, f) for f in given} == {f: value for f, (_, value) in given.items()}
