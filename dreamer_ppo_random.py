@@ -1300,7 +1300,7 @@ class Logger:
             id_file = os.path.join(run_dir, "wandb_id")  # a resumed run goes on in the same W&B run
             if not os.path.exists(id_file):
                 with open(id_file, "w") as f:
-                    f.write(wandb.util.generate_id())
+                    f.write(os.urandom(4).hex())  # a W&B run id (wandb 0.31 has no wandb.util.generate_id)
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                        config=params, name=os.path.basename(run_dir), save_code=True, id=open(id_file).read(),
                        resume="allow")
