@@ -936,6 +936,7 @@ def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, 
         log.scalars("dream", dream_stats, step)
         if args.dream_images_every and (epoch - 1) % args.dream_images_every == 0:
             log_dream_images(wm, agent, traj["states"].flatten(0, 1), args, log.writer, step)
+            log_dream_video(wm, agent, traj["states"], args, log, step)
         log.scalars("charts", dict(SPS=sps), step)
         evaluation.start(wm, agent, "night", epoch, args.night_epochs, step,
                          f"dream return {dream_stats['return_mean']:.2f} SPS {sps:.0f}")
@@ -1001,6 +1002,12 @@ class Args(Hyperparameters):
     dream_images_every: int = 10
     """log images every this many epochs: by night decoded dream states before and after their transformation
     (Figure 2, for one's own runs; not in the Offline script), by day the open-loop prediction; 0 never"""
+    capture_video: Resumable[bool] = False
+    """record videos (CleanRL's flag; not in the paper; `pip install -e ".[video]"`) under {run_dir}/videos/ and in
+    TensorBoard (and W&B): the evaluation's first test episodes, and the dreams and open-loop prediction in motion
+    where --dream-images-every logs their images"""
+    video_every: Resumable[int] = 10
+    """with --capture-video, film the evaluation's test episodes every this many epochs and at each phase's end"""
     final_episodes: DayFixed[int] = 500
     """the final evaluation at the end of each phase: this many test and as many training-level episodes on levels
     drawn from the seed alone, the same for a day and its nights (final/*, not in the paper); 0 skips it"""
@@ -1015,7 +1022,8 @@ def marked(cls, mark):
 RULES = {
     **dict.fromkeys(("num_levels", "num_envs", "test_repetitions", "seed_episodes", "day_epochs", "wm_updates",
                      "day_steps", "wm_batch_size", "agent_updates", "agent_batch_size", "horizon", "categoricals",
-                     "classes", "rnn_units", "cnn_depth", "mlp_units", "mlp_layers", "update_epochs"), "[1, inf)"),
+                     "classes", "rnn_units", "cnn_depth", "mlp_units", "mlp_layers", "update_epochs", "video_every"),
+                    "[1, inf)"),
     **dict.fromkeys(("night_epochs", "dream_images_every", "burn_in", "checkpoint_every", "final_episodes",
                      "free_nats", "beta_dyn", "beta_rep", "vf_coef", "ent_coef"), "[0, inf)"),
     **dict.fromkeys(("reward_scale", "bins_extreme", "wm_grad_clip", "day_lr", "night_lr", "max_grad_norm"),
@@ -1077,6 +1085,8 @@ def check_args(args):
         fail("--save-day", f"there is no day to save: the night starts from --day-checkpoint {args.day_checkpoint}")
     if args.track and importlib.util.find_spec("wandb") is None:
         fail("--track", 'needs wandb, which is not installed: pip install -e ".[wandb]"')
+    if args.capture_video and None in (importlib.util.find_spec("av"), importlib.util.find_spec("imageio")):
+        fail("--capture-video", 'needs PyAV and imageio, which are not installed: pip install -e ".[video]"')
     if args.track and not wandb_can_log():
         fail("--track", "found no Weights & Biases key: run `wandb login` (or set WANDB_API_KEY), or log locally "
                         "with WANDB_MODE=offline")
@@ -1360,7 +1370,7 @@ class Logger:
             id_file = os.path.join(run_dir, "wandb_id")  # a resumed run goes on in the same W&B run
             if not os.path.exists(id_file):
                 with open(id_file, "w") as f:
-                    f.write(wandb.util.generate_id())
+                    f.write(os.urandom(4).hex())  # a W&B run id (wandb 0.31 has no wandb.util.generate_id)
             wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                        config=params, name=os.path.basename(run_dir), save_code=True, id=open(id_file).read(),
                        resume="allow")
@@ -1413,11 +1423,11 @@ class Logger:
 
 # %% evaluation
 @torch.no_grad()
-def evaluate(wm, agent, args, step, device, episodes=None):
+def evaluate(wm, agent, args, step, device, episodes=None, film=None):
     """test_return: the policy's mean score in the first episode of num_envs x test_repetitions environments on all
     levels (Table 2), and train_levels_return on the N training levels. Each kind has levels and draws of its own,
     from (seed, step, kind) alone, played side by side. `episodes` (step -1): the final evaluation's, with standard
-    errors {name}_se."""
+    errors {name}_se. `film`: a Film of the first test episodes (--capture-video)."""
     n = episodes or args.num_envs * args.test_repetitions
     levels = dict(test_return=(0, 0), **(dict(train_levels_return=(args.num_levels, args.start_level))
                                          if args.eval_train_levels else {}))
@@ -1434,6 +1444,8 @@ def evaluate(wm, agent, args, step, device, episodes=None):
     live = np.arange(rows)  # the rows still in their first episode: only they go through the networks
     finite = torch.ones((), dtype=torch.bool, device=device)  # read once at the end: no wait at every step
     while len(live):
+        if film is not None:
+            film.add(live, obs)
         # each kind's rows still playing draw from its generator: a kind's draws do not depend on the other's
         streams = list(zip(generators, np.bincount(live // n, minlength=len(envs)).tolist()))
         with autocast(device, args):
@@ -1456,6 +1468,8 @@ def evaluate(wm, agent, args, step, device, episodes=None):
         is_first = torch.as_tensor(done[live], device=device)
     for e in envs:
         e.close()
+    if film is not None:
+        film.write()
     if not finite:
         raise SystemExit(f"error: the policy's action probabilities are not finite in the evaluation at step {step}: "
                          f"no return is recorded for a broken policy; the run stops, and its last checkpoint is kept")
@@ -1481,23 +1495,25 @@ class Evaluator:
     def start(self, wm, agent, phase, epoch, epochs, step, text):
         """Evaluate `phase` epoch `epoch` of `epochs`, ended at `step`; its line is "test {return} {text}"."""
         self.finish()
+        film = Film.every(self.args, self.log, phase, epoch, epochs, step)
         if not self.args.eval_overlap:
-            return self.log_returns(evaluate(wm, agent, self.args, step, self.device), phase, epoch, epochs, step, text)
+            return self.log_returns(evaluate(wm, agent, self.args, step, self.device, film=film), phase, epoch, epochs,
+                                    step, text)
         self.wm.load_state_dict(wm.state_dict())  # the weights of this epoch's end, which training goes on from
         self.agent.load_state_dict(agent.state_dict())
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the copies are made before it reads
         result = {}
-        thread = threading.Thread(target=self.run, args=(step, result), daemon=True)
+        thread = threading.Thread(target=self.run, args=(step, result, film), daemon=True)
         thread.start()
         self.pending = thread, result, (phase, epoch, epochs, step, text)
 
-    def run(self, step, result):
+    def run(self, step, result, film=None):
         """The background thread: `evaluate` on the copies; its returns (or its exception) and seconds in `result`."""
         start = time.time()
         try:
             with torch.cuda.stream(self.stream):  # a no-op without a stream (CPU)
-                result["returns"] = evaluate(self.wm, self.agent, self.args, step, self.device)
+                result["returns"] = evaluate(self.wm, self.agent, self.args, step, self.device, film=film)
             if self.stream is not None:
                 self.stream.synchronize()
         except BaseException as e:  # re-raised in the main thread by `finish`
@@ -1589,6 +1605,7 @@ def open_loop(wm, dataset, start, args, device, log, step, epoch):
         rows = [x for i in range(min(2, B)) for x in (truth[i] + 0.5, image[i] + 0.5, (image[i] - truth[i]).abs())]
         log.writer.add_image("openloop/truth_prediction_error", torch.cat([torch.cat(list(r), -1) for r in rows], -2)
                              .clamp(0, 1), step)
+        log_openloop_video(truth, image, args, log, step)
 
 
 # %% dream images
@@ -1596,14 +1613,78 @@ def log_dream_images(wm, agent, states, args, writer, step, n=4):
     """Figure 2 for one's own runs: n dream states (rows) decoded before (left) and after (right) a forced transform,
     drawn from a generator of their own (the run's draws stay as they are)."""
     generator = torch.Generator(states.device).manual_seed(args.seed * 1_000_003 + step)
-    s = states[torch.randint(len(states), (n,), device=states.device, generator=generator)]
-    h, z = s[:, : wm.gru.hidden_size], s[:, wm.gru.hidden_size:].reshape(n, wm.C, wm.J)
+    images = before_after(wm, agent, states[torch.randint(len(states), (n,), device=states.device,
+                                                          generator=generator)], args, generator)
+    writer.add_image("dream/before_after", torch.cat([torch.cat(list(images[:n]), 1),
+                                                      torch.cat(list(images[n:]), 1)], 2), step)
+
+
+def before_after(wm, agent, s, args, generator):
+    """The dream states `s` (rows) decoded before, then after, a forced transform drawn from `generator`, in [0, 1]."""
+    h, z = s[:, : wm.gru.hidden_size], s[:, wm.gru.hidden_size:].reshape(len(s), wm.C, wm.J)
     h_new, z_new, _ = transform(h, z, wm, agent, args, force=True, generator=generator)
     with torch.no_grad(), autocast(s.device, args):
         images = wm.decoder(torch.cat([state_features(h, z), state_features(h_new, z_new)])).float()
-    images = (images + 0.5).clamp(0, 1)
-    writer.add_image("dream/before_after", torch.cat([torch.cat(list(images[:n]), 1),
-                                                      torch.cat(list(images[n:]), 1)], 2), step)
+    return (images + 0.5).clamp(0, 1)
+
+
+# %% dream videos
+def log_dream_video(wm, agent, states, args, log, step, n=4):
+    """The night's first n dreams (rows; `states` time-first) decoded frame by frame before (left) and after (right) a
+    forced transform (equal for the Dreamer baseline), from a generator of their own (--capture-video)."""
+    if args.capture_video:
+        generator = torch.Generator(states.device).manual_seed(args.seed * 1_000_003 + step + 1)
+        images = before_after(wm, agent, states[:, :n].flatten(0, 1), args, generator)
+        before, after = images.unflatten(0, (2, len(states), -1)).transpose(2, 3).flatten(3, 4)  # (T, 3, rows * 64, 64)
+        write_video(log, "dream/video_before_after", torch.cat([before, after], -1), step)
+
+
+# %% videos
+def write_video(log, tag, frames, step, fps=15):
+    """`frames` (T, 3, height, width) in [0, 1] to {run_dir}/videos/{tag}_{step}.mp4 (H.264 by PyAV's own FFmpeg) and
+    to TensorBoard as an animated GIF, which W&B's mirror shows as a video (add_video would need moviepy)."""
+    import imageio.v3 as iio
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    frames = (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    path = os.path.join(log.writer.log_dir, "videos", f"{tag.replace('/', '_')}_{step}.mp4")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    iio.imwrite(path, frames, plugin="pyav", codec="libx264", fps=fps)
+    gif = iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0)
+    image = Summary.Image(height=frames.shape[1], width=frames.shape[2], colorspace=3, encoded_image_string=gif)
+    log.writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+
+class Film:
+    """An evaluation's first `k` test episodes side by side, frame by frame (black once an episode has ended), taken
+    from the observations `evaluate` plays: no step and no draw of its own."""
+
+    def __init__(self, log, tag, step, k=4):
+        self.log, self.tag, self.step, self.k, self.frames = log, tag, step, k, []
+
+    @staticmethod
+    def every(args, log, phase, epoch, epochs, step):
+        """A Film of this epoch's evaluation every --video-every epochs and at the phase's end (--capture-video)."""
+        if args.capture_video and (epoch % args.video_every == 0 or epoch == epochs):
+            return Film(log, f"videos/{phase}_agent", step, min(4, args.num_envs * args.test_repetitions))
+
+    def add(self, live, obs):
+        rows = np.flatnonzero(live < self.k)
+        if len(rows):
+            frame = np.zeros((self.k, *obs.shape[1:]), np.uint8)
+            frame[live[rows]] = obs[torch.as_tensor(rows, device=obs.device)].cpu().numpy()
+            self.frames.append(np.concatenate(frame, 1))
+
+    def write(self):
+        write_video(self.log, self.tag, torch.as_tensor(np.stack(self.frames)).permute(0, 3, 1, 2) / 255, self.step)
+
+
+def log_openloop_video(truth, image, args, log, step):
+    """The open-loop prediction in motion (--capture-video): for two windows (rows), the real frames, the predicted ones
+    and their difference (columns) over the horizon."""
+    if args.capture_video:
+        rows = [torch.cat([t + 0.5, p + 0.5, (p - t).abs()], -1) for t, p in zip(truth[:2], image[:2])]
+        write_video(log, "openloop/video_truth_prediction_error", torch.cat(rows, -2).clamp(0, 1), step)
 
 
 # %% main

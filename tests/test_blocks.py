@@ -3,7 +3,7 @@ a sequence of blocks opened by a `# %% name` line; a block that two scripts shar
 import itertools
 import pathlib
 
-from tools.sync_blocks import ROOT, VARIANT_BLOCKS, blocks, synced
+from tools.sync_blocks import ROOT, VARIANT_BLOCKS, blocks, split, synced
 
 SCRIPTS = sorted(ROOT.glob("dreamer_ppo*.py"))
 
@@ -56,3 +56,14 @@ def test_sync_copies_a_shared_block_and_leaves_the_variant_blocks():
     assert "def symlog(x):\n    return 2 *" in out
     assert "def value_diversification" in out and out.startswith('"""ValDreamer')
     assert synced(base, variant) == variant
+
+
+def test_sync_adds_a_new_block_where_asked_before_the_block_that_follows_it():
+    base = (ROOT / "dreamer_ppo.py").read_text()
+    offline = (ROOT / "dreamer_ppo_offline.py").read_text()
+    edited = base.replace("\n# %% main\n", "\n# %% new block\ndef new_thing():\n    pass\n\n\n# %% main\n", 1)
+    assert synced(edited, offline) == offline  # a block the script lacks is not added unasked
+    names = [n for n, _ in split(synced(edited, offline, add=["new block"]))]
+    assert names.index("new block") + 1 == names.index("main") and names.count("new block") == 1
+    assert synced(edited, synced(edited, offline, add=["new block"]), add=["new block"]) == synced(
+        edited, offline, add=["new block"])  # added once

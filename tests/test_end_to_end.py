@@ -34,6 +34,7 @@ def load_checkpoint(path, args):
     (dict(reward_seq_fraction=1.5), "--reward-seq-fraction", ["[0, 1]"]),
     (dict(night_epochs=-1), "--night-epochs", ["-1"]),
     (dict(dream_images_every=-1), "--dream-images-every", ["-1"]),
+    (dict(video_every=0), "--video-every", ["positive", "0"]),
     (dict(day_checkpoint="nowhere/day.pt"), "--day-checkpoint", ["nowhere/day.pt"]),
     (dict(resume=True), "--resume", ["--run-dir"]),
     (dict(checkpoint_every=-1), "--checkpoint-every", ["-1"]),

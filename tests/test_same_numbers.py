@@ -1,5 +1,6 @@
-"""Same seed, same numbers: the background evaluation, the dream images and the training-level evaluation leave
-every non-timing scalar of a run as it is, also in bf16 and with an evaluation thread that computes all along."""
+"""Same seed, same numbers: the background evaluation, the dream images, the videos and the training-level
+evaluation leave every non-timing scalar of a run as it is, also in bf16 and with an evaluation thread that computes
+all along."""
 
 import threading
 import time
@@ -52,7 +53,8 @@ def reference(tmp_path_factory):
     dict(eval_overlap=True, slow_evaluation=True),  # the evaluation in a thread that computes in autocast throughout
     dict(eval_overlap=False, dream_images_every=1),  # a forced transformation for the images every night epoch
     dict(eval_overlap=False, dream_images_every=0, eval_train_levels=False),  # the test episodes alone
-], ids=["overlapped-evaluation", "dream-images", "no-training-levels"])
+    dict(dream_images_every=1, capture_video=True, video_every=1),  # every video every epoch, filmed in the thread
+], ids=["overlapped-evaluation", "dream-images", "no-training-levels", "videos"])
 def test_a_diagnostic_changes_no_number_of_the_run(reference, tmp_path, monkeypatch, changes):
     other = run(tmp_path, monkeypatch, "other", **changes)
     if not changes.get("eval_train_levels", True):

@@ -140,6 +140,18 @@ def test_track_needs_wandb_and_a_key(monkeypatch, tmp_path, installed, env, netr
     assert str(e.value).startswith("error: --track: ") and refusal in str(e.value)
 
 
+@pytest.mark.parametrize("missing", ["av", "imageio"])
+def test_capture_video_needs_its_encoder(monkeypatch, missing):
+    dreamer_ppo.check_args(tiny_args(capture_video=True))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else find_spec(name, *a))
+    dreamer_ppo.check_args(tiny_args())  # off, it needs nothing
+    with pytest.raises(SystemExit) as e:
+        dreamer_ppo.check_args(tiny_args(capture_video=True))
+    assert str(e.value) == ("error: --capture-video: needs PyAV and imageio, which are not installed: "
+                            'pip install -e ".[video]"')
+
+
 # %% --help and the terminal
 def script_output(script, *argv):
     proc = subprocess.run([sys.executable, str(ROOT / script), *argv], capture_output=True, text=True, timeout=120,

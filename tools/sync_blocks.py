@@ -6,9 +6,12 @@ Edit a shared block in one script, then run
 
     python tools/sync_blocks.py                      # from dreamer_ppo.py into every other script
     python tools/sync_blocks.py --source dreamer_ppo_offline.py --check
+    python tools/sync_blocks.py --add "videos"        # a new block, into every script, where the source has it
 
-A block is copied into a script only where that script has a block of the same name; the blocks that make
-each variant itself (VARIANT_BLOCKS) are never copied. --check only lists what would change (exit 1 if any).
+A block is copied into a script only where that script has a block of the same name, or is named by --add: then
+it goes in before the first block after it in the source that the script has (a new block need not belong to
+every script: "dream videos" has no place in the Offline script). The blocks that make each variant itself
+(VARIANT_BLOCKS) are never copied. --check only lists what would change (exit 1 if any).
 """
 import argparse
 import pathlib
@@ -44,11 +47,16 @@ def blocks(path):
     return {name: lines[1:] if name != "docstring" else lines for name, lines in split(pathlib.Path(path).read_text())}
 
 
-def synced(source_text, target_text):
-    """target_text with every block it shares with source_text (but the variant blocks) taken from the source."""
-    source = dict(split(source_text))
-    out = [lines if name in VARIANT_BLOCKS or name not in source else source[name]
-           for name, lines in split(target_text)]
+def synced(source_text, target_text, add=()):
+    """target_text with every block it shares with source_text (but the variant blocks) taken from the source, and
+    the source's blocks named in `add` that it lacks put in before the next source block it has."""
+    source, target = dict(split(source_text)), split(target_text)
+    for name in add:
+        if name not in dict(target):
+            after = list(source)[list(source).index(name) + 1:]
+            at = next(i for i, (n, _) in enumerate(target) if n in after)
+            target.insert(at, (name, source[name]))
+    out = [lines if name in VARIANT_BLOCKS or name not in source else source[name] for name, lines in target]
     return "\n".join(line for lines in out for line in lines) + "\n"
 
 
@@ -56,6 +64,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="dreamer_ppo.py", help="the script whose shared blocks are copied")
     parser.add_argument("--check", action="store_true", help="only list the scripts that would change")
+    parser.add_argument("--add", action="append", default=[], help="a new block of the source to put into every script")
     opts = parser.parse_args()
     source = ROOT / opts.source
     stale = []
@@ -63,7 +72,7 @@ def main():
         if target == source:
             continue
         before = target.read_text()
-        after = synced(source.read_text(), before)
+        after = synced(source.read_text(), before, opts.add)
         if after != before:
             stale.append(target.name)
             if not opts.check:
