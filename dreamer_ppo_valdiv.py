@@ -935,8 +935,8 @@ class Args(Hyperparameters):
     """continue the run of --run-dir from its last checkpoint (start it when it has none): the same command with
     --resume added; the epochs after that checkpoint are redone (not in the paper)"""
     checkpoint_every: Resumable[int] = 10
-    """write {run_dir}/checkpoint.pt (the one before kept as checkpoint.prev.pt) every this many epochs, at the end
-    of the day and of the night, and on SIGTERM or SIGUSR1 (then exit 75); 0: only at those ends (not in the paper)"""
+    """write {run_dir}/checkpoint.pt (replacing the one before) every this many epochs, at the end of the day and
+    of the night, and on SIGTERM or SIGUSR1 (then exit 75); 0: only at those ends (not in the paper)"""
     save_day: bool = False
     """write the end of the day to {run_dir}/day.pt and keep the real data in {run_dir}/replay/ (12.3 GB at the
     paper's size; deleted at the run's end otherwise), for nights run with --day-checkpoint"""
@@ -1045,32 +1045,56 @@ def wandb_can_log():
         return False
 
 # %% checkpoint
-CHECKPOINT_FORMAT = 3  # the version of checkpoint.pt and day.pt as written here: a new model or content, a new one
+CHECKPOINT_FORMAT = 4  # the version of checkpoint.pt and day.pt as written here: a new model or content, a new one
 PREEMPTED = 75  # the exit status after SIGTERM or SIGUSR1 and its checkpoint: run the same command with --resume
 
 
-def atomic_save(obj, path, previous=None):
-    """torch.save to a temporary file, then a rename: a crash while writing leaves no broken file. The file it
-    replaces is kept as `previous` when given."""
+class Generators:
+    """Every random generator of the run, saved and restored like a module's state."""
+
+    def state_dict(self):
+        return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+    def load_state_dict(self, state):
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def stateful(wm, agent, wm_optimizer, agent_optimizer, return_scale):
+    """The run's stateful objects by the name a checkpoint keeps each under (P by its attributes)."""
+    return dict(world_model=wm, agent=agent, wm_optimizer=wm_optimizer, agent_optimizer=agent_optimizer,
+                return_scale=return_scale, rng=Generators())
+
+
+def run_state(objects, args, progress, loop=None):
+    """What a run needs to go on from the end of an epoch but the real data (on disk already): the state of each of
+    `objects`, the arguments, the progress (phase, epoch, step, test return, replay size), the day's `loop`."""
+    return dict(format=CHECKPOINT_FORMAT, args=asdict(args), progress=progress, loop=loop,
+                **{name: x.state_dict() if hasattr(x, "state_dict") else dict(vars(x)) for name, x in objects.items()})
+
+
+def restore(ckpt, objects, dataset, replay=None):
+    """Load a checkpoint into `objects` (and the real data it counts from the directory `replay`, when given);
+    returns its progress."""
+    for name, x in objects.items():
+        x.load_state_dict(ckpt[name]) if hasattr(x, "load_state_dict") else vars(x).update(ckpt[name])
+    if replay is not None:
+        load_steps(dataset, replay, ckpt["progress"]["replay_size"])
+    return ckpt["progress"]
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then a rename: Ctrl-C or a full disk while writing leaves no broken file."""
     try:
         torch.save(obj, f"{path}.tmp")
-    except BaseException:  # Ctrl-C or a full disk: no half-written file is left behind
+        os.replace(f"{path}.tmp", path)
+    finally:
         if os.path.exists(f"{path}.tmp"):
             os.remove(f"{path}.tmp")
-        raise
-    if previous is not None and os.path.exists(path):
-        os.replace(path, previous)
-    os.replace(f"{path}.tmp", path)
-
-
-def replay_dir(run_dir):
-    """Where a run writes its real data D, one chunk file per day epoch (`save_new_steps`)."""
-    return os.path.join(run_dir, "replay")
-
-
-def replay_path(day_path):
-    """The real data of the day whose checkpoint is `day_path`, beside it."""
-    return replay_dir(os.path.dirname(os.path.abspath(day_path)))
 
 
 def save_new_steps(dataset, directory):
@@ -1083,51 +1107,26 @@ def save_new_steps(dataset, directory):
 
 
 def load_steps(dataset, directory, size):
-    """Fill the empty `dataset` with the first `size` steps that `save_new_steps` wrote to `directory` (a chunk past
-    them, written after the checkpoint that counted them, is ignored)."""
+    """Fill the empty `dataset` with the first `size` steps that `save_new_steps` wrote to `directory` (the chunks
+    past them, written after the checkpoint that counted them, are written again by the resumed run)."""
     if dataset.data["actions"].shape[1] < size:
         dataset.data = {k: np.zeros((v.shape[0], size) + v.shape[2:], v.dtype) for k, v in dataset.data.items()}
-    filled = 0
-    chunks = sorted(name for name in os.listdir(directory) if name.endswith(".pt")) if os.path.isdir(directory) else []
-    for name in chunks:
+    for name in sorted(os.listdir(directory)):
         start = int(name.split(".")[0])
-        if start >= size or start > filled:
-            break
-        chunk = torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True)
-        end = min(start + chunk["actions"].shape[1], size)
-        for key in dataset.KEYS:
-            dataset.data[key][:, start:end] = chunk[key][:, : end - start].numpy()
-        filled = end
-    if filled < size:
-        raise SystemExit(f"error: the replay in {directory!r} holds {filled} of the {size} steps per environment "
-                         f"that its checkpoint counts; a chunk file is missing")
+        if name.endswith(".pt") and start < size:
+            chunk = torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True)
+            end = min(start + chunk["actions"].shape[1], size)
+            for key in dataset.KEYS:
+                dataset.data[key][:, start:end] = chunk[key][:, : end - start].numpy()
     dataset.size = dataset.saved = size
 
 
-def forget_steps_after(directory, size):
-    """Delete the chunks of a replay directory from step `size` on: a resumed run writes them again."""
-    for name in os.listdir(directory) if os.path.isdir(directory) else []:
-        if int(name.split(".")[0]) >= size:
-            os.remove(os.path.join(directory, name))
-
-
-def run_state(wm, agent, wm_optimizer, agent_optimizer, return_scale, args, progress, loop=None):
-    """What a run needs to go on from the end of an epoch but the real data (on disk already): models, optimizers,
-    P, every RNG, the arguments, the progress (phase, epoch, step, test return, replay size), the day's `loop`."""
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    return dict(format=CHECKPOINT_FORMAT, world_model=wm.state_dict(), agent=agent.state_dict(),
-                wm_optimizer=wm_optimizer.state_dict(), agent_optimizer=agent_optimizer.state_dict(),
-                return_scale=return_scale.value, rng=rng, args=asdict(args), progress=progress, loop=loop)
-
-
 class Checkpoints:
-    """The run's checkpoints at epoch ends: checkpoint.pt every --checkpoint-every epochs, at the end of each phase
-    and after SIGTERM or SIGUSR1 (then exit PREEMPTED), the one before kept; replay/ by day; day.pt with --save-day."""
+    """The run's checkpoint.pt at epoch ends: every --checkpoint-every epochs, at the end of each phase and after
+    SIGTERM or SIGUSR1 (then exit PREEMPTED); replay/ by day; day.pt with --save-day."""
 
-    def __init__(self, run_dir, args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset):
-        self.run_dir, self.args, self.dataset = run_dir, args, dataset
-        self.objects = (wm, agent, wm_optimizer, agent_optimizer, return_scale)
+    def __init__(self, run_dir, args, objects, dataset):
+        self.run_dir, self.args, self.objects, self.dataset = run_dir, args, objects, dataset
         self.latest = None  # "day epoch k/E_d" of the last checkpoint written by this process
         self.signal, self.next_epoch = None, None  # the stop signal received; the epoch under way, in words
 
@@ -1136,14 +1135,13 @@ class Checkpoints:
         (a checkpoint follows everything logged up to its step), `loop()` gives the day's acting state."""
         self.next_epoch = epoch_after(self.args, phase, epoch)
         if phase == "day":
-            save_new_steps(self.dataset, replay_dir(self.run_dir))
+            save_new_steps(self.dataset, os.path.join(self.run_dir, "replay"))
         every = self.args.checkpoint_every
         if not (epoch == epochs or (every and epoch % every == 0) or self.signal):
             return
         progress = dict(phase=phase, epoch=epoch, step=step, test_return=test_return(), replay_size=self.dataset.size)
-        state = run_state(*self.objects, self.args, progress, loop())
-        path = os.path.join(self.run_dir, "checkpoint.pt")
-        atomic_save(state, path, previous=os.path.join(self.run_dir, "checkpoint.prev.pt"))
+        state = run_state(self.objects, self.args, progress, loop())
+        atomic_save(state, os.path.join(self.run_dir, "checkpoint.pt"))
         self.latest = f"{phase} epoch {epoch}/{epochs}"
         if phase == "day" and epoch == epochs and self.args.save_day:
             atomic_save(state, os.path.join(self.run_dir, "day.pt"))
@@ -1188,31 +1186,34 @@ def check_finite(losses, what, phase, epoch):
 
 def check_disk(run_dir, args, wm, agent, day_to_run):
     """Refuse a run directory without room for what the run writes: the day's real data (12.3 KB a real step, less
-    what is written already) and up to four checkpoints (the last, the one before, the one being written, day.pt)."""
-    written = sum(os.path.getsize(os.path.join(replay_dir(run_dir), f)) for f in os.listdir(replay_dir(run_dir))) \
-        if os.path.isdir(replay_dir(run_dir)) else 0
+    what is written already) and up to three checkpoints (the last, the one being written, day.pt)."""
+    replay = os.path.join(run_dir, "replay")
+    written = sum(os.path.getsize(os.path.join(replay, f)) for f in os.listdir(replay)) if os.path.isdir(replay) else 0
     step_bytes = sum(v.itemsize * math.prod(v.shape[2:]) for v in ReplayDataset(1, 1).data.values())
     replay = max(0, step_bytes * args.day_epochs * args.day_steps - written) if day_to_run else 0
     checkpoint = 3 * sum(p.numel() * p.element_size() for p in [*wm.parameters(), *agent.parameters()])  # + Adam's
-    need, free = replay + 4 * checkpoint, shutil.disk_usage(run_dir).free
+    need, free = replay + 3 * checkpoint, shutil.disk_usage(run_dir).free
     if free < need:
         fail("--run-dir", f"{run_dir!r} has {free / 2**30:.2f} GiB free, and this run writes about "
                           f"{need / 2**30:.2f} GiB (real data {replay / 2**30:.2f} GiB, checkpoints "
-                          f"{4 * checkpoint / 2**30:.2f} GiB); free some space or choose another --run-dir")
+                          f"{3 * checkpoint / 2**30:.2f} GiB); free some space or choose another --run-dir")
+
+
+def day_replay(args):
+    """The real data of the day of --day-checkpoint, beside it."""
+    return os.path.join(os.path.dirname(args.day_checkpoint), "replay")
 
 
 def read_checkpoint(path, args, flag):
-    """Read a checkpoint for `flag`, --resume (None when unreadable) or --day-checkpoint, refusing one made with other
-    settings: for a resume any but the Resumable flags, for a night the DayFixed flags and the reward shaping."""
+    """Read a checkpoint for `flag`, --resume or --day-checkpoint, refusing one made with other settings: for a
+    resume any but the Resumable flags, for a night the DayFixed flags and the reward shaping."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         saved, phase = ckpt["args"], ckpt["progress"]["phase"]
-    except Exception as e:  # a file cut short, damaged, or not a checkpoint
-        if flag == "--resume":
-            print(f"warning: cannot read {path} ({type(e).__name__}: {e}); trying the checkpoint before it",
-                  file=sys.stderr, flush=True)
-            return None
-        fail(flag, f"{path!r} is not a day checkpoint of these scripts ({e})")
+    except Exception:  # a file cut short, damaged, or not a checkpoint
+        fail(flag, f"{path!r} cannot be read as a checkpoint (damaged or cut short); remove it to start the run again"
+             if flag == "--resume" else f"{path!r} is not a checkpoint of these scripts; give the day.pt that a day "
+                                        f"run with --save-day wrote")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         fail(flag, f"{path!r} was written by an older version of these scripts; "
                    + ("start the run again" if flag == "--resume" else "make it again with --save-day"))
@@ -1228,43 +1229,10 @@ def read_checkpoint(path, args, flag):
                   zip(("--penalty", "--reward-scale"), shaping, reward_shaping(args)) if was != now]
     if wrong:
         fail(flag, f"{path!r} was made with other settings; run with: " + ", ".join(wrong))
-    if flag == "--day-checkpoint" and needs_replay(args) and not os.path.isdir(replay_path(path)):
-        fail(flag, f"this night learns from the day's real data, and {replay_path(path)!r} is missing (a benchmark "
+    if flag == "--day-checkpoint" and needs_replay(args) and not os.path.isdir(day_replay(args)):
+        fail(flag, f"this night learns from the day's real data, and {day_replay(args)!r} is missing (a benchmark "
                    f"removes it once the nights that need it are done)")
     return ckpt
-
-
-def latest_checkpoint(run_dir, args):
-    """The last readable checkpoint of the run in `run_dir` (checkpoint.pt, else checkpoint.prev.pt); None when it
-    has none yet."""
-    found = [p for p in (os.path.join(run_dir, name) for name in ("checkpoint.pt", "checkpoint.prev.pt"))
-             if os.path.exists(p)]
-    for path in found:
-        ckpt = read_checkpoint(path, args, "--resume")
-        if ckpt is not None:
-            return ckpt
-    if found:
-        fail("--resume", f"no checkpoint of {run_dir!r} can be read ({', '.join(found)}); remove them to start the "
-                         f"run again")
-    return None
-
-
-def restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, replay=None):
-    """Load a checkpoint into the run's objects (and the real data it counts from the directory `replay`, when
-    given); returns its progress."""
-    wm.load_state_dict(ckpt["world_model"])
-    agent.load_state_dict(ckpt["agent"])
-    wm_optimizer.load_state_dict(ckpt["wm_optimizer"])
-    agent_optimizer.load_state_dict(ckpt["agent_optimizer"])
-    return_scale.value = ckpt["return_scale"]
-    if replay is not None:
-        load_steps(dataset, replay, ckpt["progress"]["replay_size"])
-    random.setstate(ckpt["rng"]["python"])
-    np.random.set_state(ckpt["rng"]["numpy"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return ckpt["progress"]
 
 # %% logging
 class Stopwatch:
@@ -1597,7 +1565,8 @@ def main(args):
     check_args(args)
     day_ckpt = read_checkpoint(args.day_checkpoint, args, "--day-checkpoint") if args.day_checkpoint else None
     run_dir, lock = claim_run_dir(args)
-    resumed = latest_checkpoint(run_dir, args) if args.resume else None
+    last = os.path.join(run_dir, "checkpoint.pt")
+    resumed = read_checkpoint(last, args, "--resume") if args.resume and os.path.exists(last) else None
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1612,8 +1581,8 @@ def main(args):
     agent_optimizer = make_agent_optimizer(agent, args.day_lr)
     return_scale = ReturnScale(args.return_scale_decay)
     dataset = ReplayDataset(args.num_envs, math.ceil((args.day_epochs * args.day_steps) / args.num_envs) + 1000)
-    objects = (wm, agent, wm_optimizer, agent_optimizer, return_scale)
-    checkpoint = Checkpoints(run_dir, args, *objects, dataset)
+    objects = stateful(wm, agent, wm_optimizer, agent_optimizer, return_scale)
+    checkpoint = Checkpoints(run_dir, args, objects, dataset)
     progress = resumed["progress"] if resumed else dict(phase="night" if day_ckpt else "day", epoch=0, step=0)
     phase, epoch = progress["phase"], progress["epoch"]
     finished = epoch == args.night_epochs if phase == "night" else epoch == args.day_epochs and not args.night_epochs
@@ -1621,14 +1590,12 @@ def main(args):
         print(f"{run_dir}: the run is finished (its last checkpoint is the end of the {phase}); nothing to do")
         return end_run(args, run_dir, lock, envs)
     check_disk(run_dir, args, wm, agent, day_to_run=phase == "day")
-    if args.resume:  # the real data of the steps after the checkpoint (or all, with none) are made again
-        forget_steps_after(replay_dir(run_dir), progress.get("replay_size", 0))
     state = None
     if resumed:
         replay = None  # the real data: this run's own, or a night-only run's day's, when the rest of the run needs them
         if phase == "day" or needs_replay(args):
-            replay = replay_path(args.day_checkpoint) if args.day_checkpoint else replay_dir(run_dir)
-        restore(resumed, *objects, dataset, replay)
+            replay = day_replay(args) if args.day_checkpoint else os.path.join(run_dir, "replay")
+        restore(resumed, objects, dataset, replay)
         if phase == "day":
             state = DayState(**resumed["loop"], epoch=epoch, step=progress["step"], test_return=progress["test_return"])
         resumed = day_ckpt = None  # the rest now lives in the run's objects
@@ -1656,11 +1623,10 @@ def main(args):
     handlers = {s: signal.signal(s, checkpoint.on_stop_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         if phase == "day":
-            progress = day(args, *objects, dataset, envs, log, device, checkpoint, state)
+            progress = day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device, checkpoint, state)
             epoch = 0
         elif day_ckpt is not None:  # a new night from a day checkpoint
-            replay = replay_path(args.day_checkpoint) if needs_replay(args) else None
-            progress = restore(day_ckpt, *objects, dataset, replay)
+            progress = restore(day_ckpt, objects, dataset, day_replay(args) if needs_replay(args) else None)
             day_ckpt = None  # the dataset now lives in `dataset`: free the checkpoint's copy
             log.scalars("charts", dict(test_return=progress["test_return"]), progress["step"])
             print(f"night from {args.day_checkpoint}: day ended at step {progress['step']:,} with test return "
@@ -1687,12 +1653,10 @@ def main(args):
 
 def end_run(args, run_dir, lock, envs):
     """Close the environments, drop what only a resume needed (the real data, unless --save-day keeps them for
-    nights; the checkpoint before the last) and free the run directory."""
+    nights) and free the run directory."""
     envs.close()
     if not args.save_day:
-        shutil.rmtree(replay_dir(run_dir), ignore_errors=True)
-    if os.path.exists(os.path.join(run_dir, "checkpoint.prev.pt")):
-        os.remove(os.path.join(run_dir, "checkpoint.prev.pt"))
+        shutil.rmtree(os.path.join(run_dir, "replay"), ignore_errors=True)
     os.remove(lock.name)
     lock.close()
 

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import dreamer_ppo
 from dreamer_ppo import (ReplayDataset, ReturnScale, atomic_save, check_args, claim_run_dir, load_steps, read_checkpoint,
-                         random_initial_states, replay_path, restore, run_state, save_new_steps)
+                         random_initial_states, restore, run_state, save_new_steps, stateful)
 from conftest import SIZE_FLAGS, crafted_dataset, finish, make_models, make_optimizers, random_batch, run_script, \
     tiny_args
 
@@ -90,10 +90,10 @@ def save_day(path, state, args, dataset=None, **progress):
     """What the end of a day writes with --save-day: day.pt from `state` (models, optimizers, P), the replay
     beside it."""
     if dataset is not None:
-        save_new_steps(dataset, replay_path(path))
+        save_new_steps(dataset, path.parent / "replay")
     progress = {**dict(phase="day", epoch=args.day_epochs, step=0, test_return=0.0,
                        replay_size=0 if dataset is None else dataset.size), **progress}
-    atomic_save(run_state(*state, args, progress), path)
+    atomic_save(run_state(stateful(*state), args, progress), path)
 
 
 def outputs(wm, agent, args):
@@ -124,8 +124,8 @@ def test_checkpoint_round_trip(tmp_path):
     assert not torch.allclose(before["prior"], expected["prior"])
     assert scale2.value != scale.value
     torch.manual_seed(0)  # another RNG state than at saving
-    progress = restore(load_checkpoint(str(path), args), wm2, agent2, wm_opt2, agent_opt2, scale2, dataset2,
-                       replay_path(path))
+    progress = restore(load_checkpoint(str(path), args), stateful(wm2, agent2, wm_opt2, agent_opt2, scale2), dataset2,
+                       path.parent / "replay")
     after_rng = (torch.rand(3), np.random.rand(3), random.random())
 
     assert progress == dict(phase="day", epoch=args.day_epochs, step=345, test_return=2.5, replay_size=30)
@@ -197,12 +197,14 @@ def test_load_checkpoint_refuses_other_files(tmp_path):
     path.write_text("not a checkpoint")
     with pytest.raises(SystemExit) as e:
         load_checkpoint(str(path), tiny_args())
-    assert "--day-checkpoint" in str(e.value) and "notes.pt" in str(e.value)
+    message = str(e.value)
+    assert message.startswith("error: --day-checkpoint: ") and "notes.pt" in message and "--save-day" in message
+    assert "\n" not in message and "MARK" not in message and "load key" not in message
 
 
 # The model each checkpoint format holds: its modules (LayerNorm's epsilon included) and its tensors' shapes, at
 # tiny sizes. A change of either, without a new format, would load an older checkpoint into another model.
-MODELS = {2: "0588abe728cd3b95", 3: "1b0aab299a8a480a"}
+MODELS = {2: "0588abe728cd3b95", 3: "1b0aab299a8a480a", 4: "1b0aab299a8a480a"}
 
 
 def test_the_checkpoint_format_names_the_model():

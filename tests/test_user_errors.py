@@ -232,7 +232,7 @@ def test_hyperparameters_log_what_the_run_uses(monkeypatch, tmp_path):
 ])
 def test_interrupted_says_what_was_saved_and_the_command_that_continues(monkeypatch, latest, argv, words):
     monkeypatch.setattr(sys, "argv", argv)
-    checkpoint = dreamer_ppo.Checkpoints("runs/run", tiny_args(), *[None] * 6)
+    checkpoint = dreamer_ppo.Checkpoints("runs/run", tiny_args(), {}, None)
     checkpoint.latest = latest  # as the run's last checkpoint sets it
     assert checkpoint.interrupted() == words
 
@@ -261,4 +261,5 @@ def test_ctrl_c_ends_with_one_line_and_code_130(tmp_path, flags, wait_for, saved
         assert argv[:2] == ["python", str(SCRIPT)]
         args = tyro.cli(dreamer_ppo.Args, args=argv[2:])
         dreamer_ppo.check_args(args)
-        assert dreamer_ppo.latest_checkpoint(str(tmp_path / args.run_dir), args)["progress"]["phase"] == "day"
+        ckpt = dreamer_ppo.read_checkpoint(str(tmp_path / args.run_dir / "checkpoint.pt"), args, "--resume")
+        assert ckpt["progress"]["phase"] == "day"
