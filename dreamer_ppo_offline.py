@@ -17,9 +17,7 @@ import glob
 import importlib.util
 import itertools
 import math
-import netrc
 import os
-import pathlib
 import random
 import shlex
 import shutil
@@ -651,8 +649,8 @@ def check_transformation_args(args):
                           f"--day-epochs {args.day_epochs} x --day-steps {args.day_steps} / --num-envs "
                           f"{args.num_envs} gives each environment {day_length}: lower --horizon or --burn-in, or "
                           f"lengthen the day")
-    check_rules(args, dict(tv_target="(0, inf)", adapt_factor="[0, inf)",
-                           max_ratio="(1, inf); an on-policy sample has ratio 1"))
+    check_values(args, [("tv_target", *ABOVE_0), ("adapt_factor", *AT_LEAST_0),
+                        ("max_ratio", lambda x: x > 1, "in (1, inf) (an on-policy sample has ratio 1)")])
 
 
 def capped_ratio(logprob, behaviour_logprob, max_ratio):
@@ -979,88 +977,80 @@ def marked(cls, mark):
     return [f.name for f in fields(cls) if mark in getattr(f.type, "__metadata__", ())]
 
 # %% checks
-# The values each flag may take: an interval (NaN lies in none), then "; why" when it is not plain.
-RULES = {
-    **dict.fromkeys(("num_levels", "num_envs", "test_repetitions", "seed_episodes", "day_epochs", "wm_updates",
-                     "day_steps", "wm_batch_size", "agent_updates", "agent_batch_size", "horizon", "categoricals",
-                     "classes", "rnn_units", "cnn_depth", "mlp_units", "mlp_layers", "update_epochs"), "[1, inf)"),
-    **dict.fromkeys(("night_epochs", "dream_images_every", "burn_in", "checkpoint_every", "final_episodes",
-                     "free_nats", "beta_dyn", "beta_rep", "vf_coef", "ent_coef"), "[0, inf)"),
-    **dict.fromkeys(("reward_scale", "bins_extreme", "wm_grad_clip", "day_lr", "night_lr", "max_grad_norm"),
-                    "(0, inf)"),
-    "seed": "[0, 2^31); ProcGen's seeds", "start_level": "[0, 2^31); ProcGen's levels",
-    "bins": "[2, inf); a two-hot target spreads over two neighbouring bins",
-    "seq_len": "[2, inf); a sequence needs a transition", "penalty": "(-inf, 0]", "reward_seq_fraction": "[0, 1]",
-    "unimix": "[0, 1)", "day_gamma": "(0, 1]", "gae_lambda": "[0, 1]", "clip_coef": "(0, 1)",
-    "return_scale_decay": "[0, 1)",
-}
-WORDS = {"[1, inf)": "a positive integer", "[0, inf)": "0 or more", "(0, inf)": "positive, in (0, inf)",
-         "[2, inf)": "2 or more"}
+POSITIVE = (lambda x: x >= 1, "a positive integer")
+AT_LEAST_0 = (lambda x: x >= 0, "0 or more")
+ABOVE_0 = (lambda x: x > 0, "positive, in (0, inf)")
+# What each flag may take: (name, whether a value is allowed, the allowed values in words); NaN passes none.
+CHECKS = [
+    *[(name, *POSITIVE) for name in ("num_levels", "num_envs", "test_repetitions", "seed_episodes", "day_epochs",
+                                     "wm_updates", "day_steps", "wm_batch_size", "agent_updates", "agent_batch_size",
+                                     "horizon", "categoricals", "classes", "rnn_units", "cnn_depth", "mlp_units",
+                                     "mlp_layers", "update_epochs")],
+    *[(name, *AT_LEAST_0) for name in ("night_epochs", "dream_images_every", "burn_in", "checkpoint_every",
+                                       "final_episodes", "free_nats", "beta_dyn", "beta_rep", "vf_coef", "ent_coef")],
+    *[(name, *ABOVE_0) for name in ("reward_scale", "bins_extreme", "wm_grad_clip", "day_lr", "night_lr",
+                                    "max_grad_norm")],
+    ("seed", lambda x: 0 <= x < 2**31, "in [0, 2^31) (ProcGen's seeds)"),
+    ("start_level", lambda x: 0 <= x < 2**31, "in [0, 2^31) (ProcGen's levels)"),
+    ("bins", lambda x: x >= 2, "2 or more (a two-hot target spreads over two neighbouring bins)"),
+    ("seq_len", lambda x: x >= 2, "2 or more (a sequence needs a transition)"),
+    ("penalty", lambda x: x <= 0, "in (-inf, 0]"),
+    ("reward_seq_fraction", lambda x: 0 <= x <= 1, "in [0, 1]"),
+    ("unimix", lambda x: 0 <= x < 1, "in [0, 1)"),
+    ("day_gamma", lambda x: 0 < x <= 1, "in (0, 1]"),
+    ("gae_lambda", lambda x: 0 <= x <= 1, "in [0, 1]"),
+    ("clip_coef", lambda x: 0 < x < 1, "in (0, 1)"),
+    ("return_scale_decay", lambda x: 0 <= x < 1, "in [0, 1)"),
+]
+
+
+class Refused(SystemExit):
+    """Bad input, refused in one line before any work (exit 2, as tyro's own refusals)."""
 
 
 def fail(flag, message):
-    raise SystemExit(f"error: {flag}: {message}")
+    raise Refused(f"error: {flag}: {message}")
 
 
-def check_rules(args, rules):
-    """Refuse a flag outside its rule (a flag left at None takes its game's value)."""
-    for name, rule in rules.items():
-        interval, *why = rule.split("; ")
-        low, high = (float(bound.replace("2^31", str(2**31))) for bound in interval[1:-1].split(", "))
+def check_values(args, checks):
+    """Refuse a flag whose value its check refuses (a flag left at None takes its game's value)."""
+    for name, allowed, words in checks:
         x = getattr(args, name)
-        if x is not None and not ((low <= x if interval[0] == "[" else low < x)
-                                  and (x <= high if interval[-1] == "]" else x < high)):
-            fail("--" + name.replace("_", "-"), f"must be {WORDS.get(interval, 'in ' + interval)}"
-                                                f"{''.join(f' ({w})' for w in why)}, got {x}")
+        if x is not None and not allowed(x):
+            fail("--" + name.replace("_", "-"), f"must be {words}, got {x}")
 
 
 def check_args(args):
-    """Refuse bad input before any work starts, naming the flag and what is allowed."""
-    for name, hint in typing.get_type_hints(type(args)).items():
-        if typing.get_origin(hint) is Literal and getattr(args, name) not in typing.get_args(hint):
-            fail("--" + name.replace("_", "-"), f"must be one of {', '.join(typing.get_args(hint))}, got "
-                                                f"{getattr(args, name)!r}")
-    check_rules(args, RULES)
+    """Refuse bad input before any work starts, naming the flag, its value and what is allowed (tyro refuses a
+    choice outside a Literal's)."""
+    check_values(args, CHECKS)
     per_env = args.day_steps // args.num_envs  # the steps each environment adds in a day epoch
-    if args.day_steps % args.num_envs:
-        fail("--day-steps", f"must be a multiple of --num-envs ({args.num_envs}), got {args.day_steps}")
-    if args.seq_len > per_env:
-        fail("--seq-len", f"must be at most --day-steps / --num-envs = {per_env} (else the first sequence waits for "
-                          f"{args.seq_len} random steps in each environment), got {args.seq_len}")
-    if args.wm_batch_size * args.seq_len > args.day_steps:
-        fail("--wm-batch-size", f"--wm-batch-size x --seq-len = {args.wm_batch_size * args.seq_len} frames must fit "
-                                f"in the {args.day_steps} of a day epoch (--day-steps); lower one or raise --day-steps")
-    if args.start_level + args.num_levels >= 2**31:
-        fail("--start-level", f"--start-level + --num-levels must be below 2^31 (ProcGen's levels), got "
-                              f"{args.start_level + args.num_levels}")
-    if "/" in args.exp_name:
-        fail("--exp-name", f"names a run directory, so it cannot hold '/', got {args.exp_name!r}")
-    if args.day_checkpoint is not None and not os.path.isfile(args.day_checkpoint):
-        inside = os.path.join(args.day_checkpoint, "day.pt")
-        fail("--day-checkpoint", f"no file at {args.day_checkpoint!r}"
-                                 + (f"; did you mean {inside!r}?" if os.path.isfile(inside) else ""))
-    if args.resume and args.run_dir is None:
-        fail("--resume", "needs --run-dir, the directory of the run to continue (a new run's default name is new)")
-    if args.day_checkpoint is not None and args.save_day:
-        fail("--save-day", f"there is no day to save: the night starts from --day-checkpoint {args.day_checkpoint}")
-    if args.track and importlib.util.find_spec("wandb") is None:
-        fail("--track", 'needs wandb, which is not installed: pip install -e ".[wandb]"')
-    if args.track and not wandb_can_log():
-        fail("--track", "found no Weights & Biases key: run `wandb login` (or set WANDB_API_KEY), or log locally "
-                        "with WANDB_MODE=offline")
+    inside = os.path.join(args.day_checkpoint or "", "day.pt")
+    for flag, bad, message in [
+        ("--day-steps", args.day_steps % args.num_envs,
+         f"must be a multiple of --num-envs ({args.num_envs}), got {args.day_steps}"),
+        ("--seq-len", args.seq_len > per_env, f"must be at most --day-steps / --num-envs = {per_env} (else the first "
+                                              f"sequence waits for {args.seq_len} random steps in each environment), "
+                                              f"got {args.seq_len}"),
+        ("--wm-batch-size", args.wm_batch_size * args.seq_len > args.day_steps,
+         f"--wm-batch-size x --seq-len = {args.wm_batch_size * args.seq_len} frames must fit in the {args.day_steps} "
+         f"of a day epoch (--day-steps); lower one or raise --day-steps"),
+        ("--start-level", args.start_level + args.num_levels >= 2**31, f"--start-level + --num-levels must be below "
+                                                                       f"2^31 (ProcGen's levels), got "
+                                                                       f"{args.start_level + args.num_levels}"),
+        ("--exp-name", "/" in args.exp_name, f"names a run directory, so it cannot hold '/', got {args.exp_name!r}"),
+        ("--day-checkpoint", args.day_checkpoint is not None and not os.path.isfile(args.day_checkpoint),
+         f"no file at {args.day_checkpoint!r}" + (f"; did you mean {inside!r}?" if os.path.isfile(inside) else "")),
+        ("--resume", args.resume and args.run_dir is None,
+         "needs --run-dir, the directory of the run to continue (a new run's default name is new)"),
+        ("--save-day", args.day_checkpoint is not None and args.save_day,
+         f"there is no day to save: the night starts from --day-checkpoint {args.day_checkpoint}"),
+        ("--track", args.track and importlib.util.find_spec("wandb") is None,
+         'needs wandb, which is not installed: pip install -e ".[wandb]"'),
+    ]:
+        if bad:
+            fail(flag, message)
     check_transformation_args(args)
-
-
-def wandb_can_log():
-    """Whether wandb can start without asking for a key (no network): WANDB_API_KEY, an offline or disabled
-    WANDB_MODE, or the netrc entry for api.wandb.ai that `wandb login` writes."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
-        return True
-    try:
-        return netrc.netrc(os.environ.get("NETRC") or os.path.expanduser("~/.netrc")).authenticators("api.wandb.ai") \
-            is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
 
 # %% checkpoint
 CHECKPOINT_FORMAT = 4  # the version of checkpoint.pt and day.pt as written here: a new model or content, a new one
@@ -1556,11 +1546,9 @@ def claim_run_dir(args):
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
-    except OSError as e:
-        file = next((str(p) for p in (pathlib.Path(path), *pathlib.Path(path).parents) if p.is_file()), None)
-        fail("--run-dir", f"{path!r} cannot be a directory: {file!r} is a file; choose another --run-dir" if file else
-             f"cannot write the run's directory {path!r} ({e.strerror}); run from a writable directory or choose a "
-             f"writable --run-dir")
+    except OSError as e:  # a file in the way, or no permission
+        reason = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+        fail("--run-dir", f"cannot make the run's directory {path!r} ({reason}); choose another --run-dir")
     return path, lock
 
 
@@ -1667,6 +1655,9 @@ def end_run(args, run_dir, lock, envs):
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args, description=__doc__.split("\n\n")[0]))
+    except Refused as e:
+        print(e, file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted before the run started: nothing saved", file=sys.stderr, flush=True)
         sys.exit(130)
