@@ -14,9 +14,7 @@ import glob
 import importlib.util
 import itertools
 import math
-import netrc
 import os
-import pathlib
 import random
 import shlex
 import shutil
@@ -894,8 +892,8 @@ class Args(Hyperparameters):
     """continue the run of --run-dir from its last checkpoint (start it when it has none): the same command with
     --resume added; the epochs after that checkpoint are redone (not in the paper)"""
     checkpoint_every: Resumable[int] = 10
-    """write {run_dir}/checkpoint.pt (the one before kept as checkpoint.prev.pt) every this many epochs, at the end
-    of the day and of the night, and on SIGTERM or SIGUSR1 (then exit 75); 0: only at those ends (not in the paper)"""
+    """write {run_dir}/checkpoint.pt (replacing the one before) every this many epochs, at the end of the day and
+    of the night, and on SIGTERM or SIGUSR1 (then exit 75); 0: only at those ends (not in the paper)"""
     save_day: bool = False
     """write the end of the day to {run_dir}/day.pt and keep the real data in {run_dir}/replay/ (12.3 GB at the
     paper's size; deleted at the run's end otherwise), for nights run with --day-checkpoint"""
@@ -926,119 +924,135 @@ def marked(cls, mark):
     return [f.name for f in fields(cls) if mark in getattr(f.type, "__metadata__", ())]
 
 # %% checks
-# The values each flag may take: an interval (NaN lies in none), then "; why" when it is not plain.
-RULES = {
-    **dict.fromkeys(("num_levels", "num_envs", "test_repetitions", "seed_episodes", "day_epochs", "wm_updates",
-                     "day_steps", "wm_batch_size", "agent_updates", "agent_batch_size", "horizon", "categoricals",
-                     "classes", "rnn_units", "cnn_depth", "mlp_units", "mlp_layers", "update_epochs", "video_every"),
-                    "[1, inf)"),
-    **dict.fromkeys(("night_epochs", "dream_images_every", "burn_in", "checkpoint_every", "final_episodes",
-                     "free_nats", "beta_dyn", "beta_rep", "vf_coef", "ent_coef"), "[0, inf)"),
-    **dict.fromkeys(("reward_scale", "bins_extreme", "wm_grad_clip", "day_lr", "night_lr", "max_grad_norm"),
-                    "(0, inf)"),
-    "seed": "[0, 2^31); ProcGen's seeds", "start_level": "[0, 2^31); ProcGen's levels",
-    "bins": "[2, inf); a two-hot target spreads over two neighbouring bins",
-    "seq_len": "[2, inf); a sequence needs a transition", "penalty": "(-inf, 0]", "reward_seq_fraction": "[0, 1]",
-    "unimix": "[0, 1)", "day_gamma": "(0, 1]", "gae_lambda": "[0, 1]", "clip_coef": "(0, 1)",
-    "return_scale_decay": "[0, 1)",
-}
-WORDS = {"[1, inf)": "a positive integer", "[0, inf)": "0 or more", "(0, inf)": "positive, in (0, inf)",
-         "[2, inf)": "2 or more"}
+POSITIVE = (lambda x: x >= 1, "a positive integer")
+AT_LEAST_0 = (lambda x: x >= 0, "0 or more")
+ABOVE_0 = (lambda x: x > 0, "positive, in (0, inf)")
+# What each flag may take: (name, whether a value is allowed, the allowed values in words); NaN passes none.
+CHECKS = [
+    *[(name, *POSITIVE) for name in ("num_levels", "num_envs", "test_repetitions", "seed_episodes", "day_epochs",
+                                     "wm_updates", "day_steps", "wm_batch_size", "agent_updates", "agent_batch_size",
+                                     "horizon", "categoricals", "classes", "rnn_units", "cnn_depth", "mlp_units",
+                                     "mlp_layers", "update_epochs", "video_every")],
+    *[(name, *AT_LEAST_0) for name in ("night_epochs", "dream_images_every", "burn_in", "checkpoint_every",
+                                       "final_episodes", "free_nats", "beta_dyn", "beta_rep", "vf_coef", "ent_coef")],
+    *[(name, *ABOVE_0) for name in ("reward_scale", "bins_extreme", "wm_grad_clip", "day_lr", "night_lr",
+                                    "max_grad_norm")],
+    ("seed", lambda x: 0 <= x < 2**31, "in [0, 2^31) (ProcGen's seeds)"),
+    ("start_level", lambda x: 0 <= x < 2**31, "in [0, 2^31) (ProcGen's levels)"),
+    ("bins", lambda x: x >= 2, "2 or more (a two-hot target spreads over two neighbouring bins)"),
+    ("seq_len", lambda x: x >= 2, "2 or more (a sequence needs a transition)"),
+    ("penalty", lambda x: x <= 0, "in (-inf, 0]"),
+    ("reward_seq_fraction", lambda x: 0 <= x <= 1, "in [0, 1]"),
+    ("unimix", lambda x: 0 <= x < 1, "in [0, 1)"),
+    ("day_gamma", lambda x: 0 < x <= 1, "in (0, 1]"),
+    ("gae_lambda", lambda x: 0 <= x <= 1, "in [0, 1]"),
+    ("clip_coef", lambda x: 0 < x < 1, "in (0, 1)"),
+    ("return_scale_decay", lambda x: 0 <= x < 1, "in [0, 1)"),
+]
+
+
+class Refused(SystemExit):
+    """Bad input, refused in one line before any work (exit 2, as tyro's own refusals)."""
 
 
 def fail(flag, message):
-    raise SystemExit(f"error: {flag}: {message}")
+    raise Refused(f"error: {flag}: {message}")
 
 
-def check_rules(args, rules):
-    """Refuse a flag outside its rule (a flag left at None takes its game's value)."""
-    for name, rule in rules.items():
-        interval, *why = rule.split("; ")
-        low, high = (float(bound.replace("2^31", str(2**31))) for bound in interval[1:-1].split(", "))
+def check_values(args, checks):
+    """Refuse a flag whose value its check refuses (a flag left at None takes its game's value)."""
+    for name, allowed, words in checks:
         x = getattr(args, name)
-        if x is not None and not ((low <= x if interval[0] == "[" else low < x)
-                                  and (x <= high if interval[-1] == "]" else x < high)):
-            fail("--" + name.replace("_", "-"), f"must be {WORDS.get(interval, 'in ' + interval)}"
-                                                f"{''.join(f' ({w})' for w in why)}, got {x}")
+        if x is not None and not allowed(x):
+            fail("--" + name.replace("_", "-"), f"must be {words}, got {x}")
 
 
 def check_args(args):
-    """Refuse bad input before any work starts, naming the flag and what is allowed."""
-    for name, hint in typing.get_type_hints(type(args)).items():
-        if typing.get_origin(hint) is Literal and getattr(args, name) not in typing.get_args(hint):
-            fail("--" + name.replace("_", "-"), f"must be one of {', '.join(typing.get_args(hint))}, got "
-                                                f"{getattr(args, name)!r}")
-    check_rules(args, RULES)
+    """Refuse bad input before any work starts, naming the flag, its value and what is allowed (tyro refuses a
+    choice outside a Literal's)."""
+    check_values(args, CHECKS)
     per_env = args.day_steps // args.num_envs  # the steps each environment adds in a day epoch
-    if args.day_steps % args.num_envs:
-        fail("--day-steps", f"must be a multiple of --num-envs ({args.num_envs}), got {args.day_steps}")
-    if args.seq_len > per_env:
-        fail("--seq-len", f"must be at most --day-steps / --num-envs = {per_env} (else the first sequence waits for "
-                          f"{args.seq_len} random steps in each environment), got {args.seq_len}")
-    if args.wm_batch_size * args.seq_len > args.day_steps:
-        fail("--wm-batch-size", f"--wm-batch-size x --seq-len = {args.wm_batch_size * args.seq_len} frames must fit "
-                                f"in the {args.day_steps} of a day epoch (--day-steps); lower one or raise --day-steps")
-    if args.start_level + args.num_levels >= 2**31:
-        fail("--start-level", f"--start-level + --num-levels must be below 2^31 (ProcGen's levels), got "
-                              f"{args.start_level + args.num_levels}")
-    if "/" in args.exp_name:
-        fail("--exp-name", f"names a run directory, so it cannot hold '/', got {args.exp_name!r}")
-    if args.day_checkpoint is not None and not os.path.isfile(args.day_checkpoint):
-        inside = os.path.join(args.day_checkpoint, "day.pt")
-        fail("--day-checkpoint", f"no file at {args.day_checkpoint!r}"
-                                 + (f"; did you mean {inside!r}?" if os.path.isfile(inside) else ""))
-    if args.resume and args.run_dir is None:
-        fail("--resume", "needs --run-dir, the directory of the run to continue (a new run's default name is new)")
-    if args.day_checkpoint is not None and args.save_day:
-        fail("--save-day", f"there is no day to save: the night starts from --day-checkpoint {args.day_checkpoint}")
-    if args.track and importlib.util.find_spec("wandb") is None:
-        fail("--track", 'needs wandb, which is not installed: pip install -e ".[wandb]"')
-    if args.capture_video and None in (importlib.util.find_spec("av"), importlib.util.find_spec("imageio")):
-        fail("--capture-video", 'needs PyAV and imageio, which are not installed: pip install -e ".[video]"')
-    if args.track and not wandb_can_log():
-        fail("--track", "found no Weights & Biases key: run `wandb login` (or set WANDB_API_KEY), or log locally "
-                        "with WANDB_MODE=offline")
+    inside = os.path.join(args.day_checkpoint or "", "day.pt")
+    for flag, bad, message in [
+        ("--day-steps", args.day_steps % args.num_envs,
+         f"must be a multiple of --num-envs ({args.num_envs}), got {args.day_steps}"),
+        ("--seq-len", args.seq_len > per_env, f"must be at most --day-steps / --num-envs = {per_env} (else the first "
+                                              f"sequence waits for {args.seq_len} random steps in each environment), "
+                                              f"got {args.seq_len}"),
+        ("--wm-batch-size", args.wm_batch_size * args.seq_len > args.day_steps,
+         f"--wm-batch-size x --seq-len = {args.wm_batch_size * args.seq_len} frames must fit in the {args.day_steps} "
+         f"of a day epoch (--day-steps); lower one or raise --day-steps"),
+        ("--start-level", args.start_level + args.num_levels >= 2**31, f"--start-level + --num-levels must be below "
+                                                                       f"2^31 (ProcGen's levels), got "
+                                                                       f"{args.start_level + args.num_levels}"),
+        ("--exp-name", "/" in args.exp_name, f"names a run directory, so it cannot hold '/', got {args.exp_name!r}"),
+        ("--day-checkpoint", args.day_checkpoint is not None and not os.path.isfile(args.day_checkpoint),
+         f"no file at {args.day_checkpoint!r}" + (f"; did you mean {inside!r}?" if os.path.isfile(inside) else "")),
+        ("--resume", args.resume and args.run_dir is None,
+         "needs --run-dir, the directory of the run to continue (a new run's default name is new)"),
+        ("--save-day", args.day_checkpoint is not None and args.save_day,
+         f"there is no day to save: the night starts from --day-checkpoint {args.day_checkpoint}"),
+        ("--track", args.track and importlib.util.find_spec("wandb") is None,
+         'needs wandb, which is not installed: pip install -e ".[wandb]"'),
+        ("--capture-video", args.capture_video and None in (importlib.util.find_spec("av"),
+                                                            importlib.util.find_spec("imageio")),
+         'needs PyAV and imageio, which are not installed: pip install -e ".[video]"'),
+    ]:
+        if bad:
+            fail(flag, message)
     check_transformation_args(args)
 
-
-def wandb_can_log():
-    """Whether wandb can start without asking for a key (no network): WANDB_API_KEY, an offline or disabled
-    WANDB_MODE, or the netrc entry for api.wandb.ai that `wandb login` writes."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
-        return True
-    try:
-        return netrc.netrc(os.environ.get("NETRC") or os.path.expanduser("~/.netrc")).authenticators("api.wandb.ai") \
-            is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
 # %% checkpoint
-CHECKPOINT_FORMAT = 3  # the version of checkpoint.pt and day.pt as written here: a new model or content, a new one
+CHECKPOINT_FORMAT = 4  # the version of checkpoint.pt and day.pt as written here: a new model or content, a new one
 PREEMPTED = 75  # the exit status after SIGTERM or SIGUSR1 and its checkpoint: run the same command with --resume
 
 
-def atomic_save(obj, path, previous=None):
-    """torch.save to a temporary file, then a rename: a crash while writing leaves no broken file. The file it
-    replaces is kept as `previous` when given."""
+class Generators:
+    """Every random generator of the run, saved and restored like a module's state."""
+
+    def state_dict(self):
+        return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                    cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+    def load_state_dict(self, state):
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def stateful(wm, agent, wm_optimizer, agent_optimizer, return_scale):
+    """The run's stateful objects by the name a checkpoint keeps each under (P by its attributes)."""
+    return dict(world_model=wm, agent=agent, wm_optimizer=wm_optimizer, agent_optimizer=agent_optimizer,
+                return_scale=return_scale, rng=Generators())
+
+
+def run_state(objects, args, progress, loop=None):
+    """What a run needs to go on from the end of an epoch but the real data (on disk already): the state of each of
+    `objects`, the arguments, the progress (phase, epoch, step, test return, replay size), the day's `loop`."""
+    return dict(format=CHECKPOINT_FORMAT, args=asdict(args), progress=progress, loop=loop,
+                **{name: x.state_dict() if hasattr(x, "state_dict") else dict(vars(x)) for name, x in objects.items()})
+
+
+def restore(ckpt, objects, dataset, replay=None):
+    """Load a checkpoint into `objects` (and the real data it counts from the directory `replay`, when given);
+    returns its progress."""
+    for name, x in objects.items():
+        x.load_state_dict(ckpt[name]) if hasattr(x, "load_state_dict") else vars(x).update(ckpt[name])
+    if replay is not None:
+        load_steps(dataset, replay, ckpt["progress"]["replay_size"])
+    return ckpt["progress"]
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then a rename: Ctrl-C or a full disk while writing leaves no broken file."""
     try:
         torch.save(obj, f"{path}.tmp")
-    except BaseException:  # Ctrl-C or a full disk: no half-written file is left behind
+        os.replace(f"{path}.tmp", path)
+    finally:
         if os.path.exists(f"{path}.tmp"):
             os.remove(f"{path}.tmp")
-        raise
-    if previous is not None and os.path.exists(path):
-        os.replace(path, previous)
-    os.replace(f"{path}.tmp", path)
-
-
-def replay_dir(run_dir):
-    """Where a run writes its real data D, one chunk file per day epoch (`save_new_steps`)."""
-    return os.path.join(run_dir, "replay")
-
-
-def replay_path(day_path):
-    """The real data of the day whose checkpoint is `day_path`, beside it."""
-    return replay_dir(os.path.dirname(os.path.abspath(day_path)))
 
 
 def save_new_steps(dataset, directory):
@@ -1051,51 +1065,26 @@ def save_new_steps(dataset, directory):
 
 
 def load_steps(dataset, directory, size):
-    """Fill the empty `dataset` with the first `size` steps that `save_new_steps` wrote to `directory` (a chunk past
-    them, written after the checkpoint that counted them, is ignored)."""
+    """Fill the empty `dataset` with the first `size` steps that `save_new_steps` wrote to `directory` (the chunks
+    past them, written after the checkpoint that counted them, are written again by the resumed run)."""
     if dataset.data["actions"].shape[1] < size:
         dataset.data = {k: np.zeros((v.shape[0], size) + v.shape[2:], v.dtype) for k, v in dataset.data.items()}
-    filled = 0
-    chunks = sorted(name for name in os.listdir(directory) if name.endswith(".pt")) if os.path.isdir(directory) else []
-    for name in chunks:
+    for name in sorted(os.listdir(directory)):
         start = int(name.split(".")[0])
-        if start >= size or start > filled:
-            break
-        chunk = torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True)
-        end = min(start + chunk["actions"].shape[1], size)
-        for key in dataset.KEYS:
-            dataset.data[key][:, start:end] = chunk[key][:, : end - start].numpy()
-        filled = end
-    if filled < size:
-        raise SystemExit(f"error: the replay in {directory!r} holds {filled} of the {size} steps per environment "
-                         f"that its checkpoint counts; a chunk file is missing")
+        if name.endswith(".pt") and start < size:
+            chunk = torch.load(os.path.join(directory, name), map_location="cpu", weights_only=True)
+            end = min(start + chunk["actions"].shape[1], size)
+            for key in dataset.KEYS:
+                dataset.data[key][:, start:end] = chunk[key][:, : end - start].numpy()
     dataset.size = dataset.saved = size
 
 
-def forget_steps_after(directory, size):
-    """Delete the chunks of a replay directory from step `size` on: a resumed run writes them again."""
-    for name in os.listdir(directory) if os.path.isdir(directory) else []:
-        if int(name.split(".")[0]) >= size:
-            os.remove(os.path.join(directory, name))
-
-
-def run_state(wm, agent, wm_optimizer, agent_optimizer, return_scale, args, progress, loop=None):
-    """What a run needs to go on from the end of an epoch but the real data (on disk already): models, optimizers,
-    P, every RNG, the arguments, the progress (phase, epoch, step, test return, replay size), the day's `loop`."""
-    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    return dict(format=CHECKPOINT_FORMAT, world_model=wm.state_dict(), agent=agent.state_dict(),
-                wm_optimizer=wm_optimizer.state_dict(), agent_optimizer=agent_optimizer.state_dict(),
-                return_scale=return_scale.value, rng=rng, args=asdict(args), progress=progress, loop=loop)
-
-
 class Checkpoints:
-    """The run's checkpoints at epoch ends: checkpoint.pt every --checkpoint-every epochs, at the end of each phase
-    and after SIGTERM or SIGUSR1 (then exit PREEMPTED), the one before kept; replay/ by day; day.pt with --save-day."""
+    """The run's checkpoint.pt at epoch ends: every --checkpoint-every epochs, at the end of each phase and after
+    SIGTERM or SIGUSR1 (then exit PREEMPTED); replay/ by day; day.pt with --save-day."""
 
-    def __init__(self, run_dir, args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset):
-        self.run_dir, self.args, self.dataset = run_dir, args, dataset
-        self.objects = (wm, agent, wm_optimizer, agent_optimizer, return_scale)
+    def __init__(self, run_dir, args, objects, dataset):
+        self.run_dir, self.args, self.objects, self.dataset = run_dir, args, objects, dataset
         self.latest = None  # "day epoch k/E_d" of the last checkpoint written by this process
         self.signal, self.next_epoch = None, None  # the stop signal received; the epoch under way, in words
 
@@ -1104,14 +1093,13 @@ class Checkpoints:
         (a checkpoint follows everything logged up to its step), `loop()` gives the day's acting state."""
         self.next_epoch = epoch_after(self.args, phase, epoch)
         if phase == "day":
-            save_new_steps(self.dataset, replay_dir(self.run_dir))
+            save_new_steps(self.dataset, os.path.join(self.run_dir, "replay"))
         every = self.args.checkpoint_every
         if not (epoch == epochs or (every and epoch % every == 0) or self.signal):
             return
         progress = dict(phase=phase, epoch=epoch, step=step, test_return=test_return(), replay_size=self.dataset.size)
-        state = run_state(*self.objects, self.args, progress, loop())
-        path = os.path.join(self.run_dir, "checkpoint.pt")
-        atomic_save(state, path, previous=os.path.join(self.run_dir, "checkpoint.prev.pt"))
+        state = run_state(self.objects, self.args, progress, loop())
+        atomic_save(state, os.path.join(self.run_dir, "checkpoint.pt"))
         self.latest = f"{phase} epoch {epoch}/{epochs}"
         if phase == "day" and epoch == epochs and self.args.save_day:
             atomic_save(state, os.path.join(self.run_dir, "day.pt"))
@@ -1156,31 +1144,34 @@ def check_finite(losses, what, phase, epoch):
 
 def check_disk(run_dir, args, wm, agent, day_to_run):
     """Refuse a run directory without room for what the run writes: the day's real data (12.3 KB a real step, less
-    what is written already) and up to four checkpoints (the last, the one before, the one being written, day.pt)."""
-    written = sum(os.path.getsize(os.path.join(replay_dir(run_dir), f)) for f in os.listdir(replay_dir(run_dir))) \
-        if os.path.isdir(replay_dir(run_dir)) else 0
+    what is written already) and up to three checkpoints (the last, the one being written, day.pt)."""
+    replay = os.path.join(run_dir, "replay")
+    written = sum(os.path.getsize(os.path.join(replay, f)) for f in os.listdir(replay)) if os.path.isdir(replay) else 0
     step_bytes = sum(v.itemsize * math.prod(v.shape[2:]) for v in ReplayDataset(1, 1).data.values())
     replay = max(0, step_bytes * args.day_epochs * args.day_steps - written) if day_to_run else 0
     checkpoint = 3 * sum(p.numel() * p.element_size() for p in [*wm.parameters(), *agent.parameters()])  # + Adam's
-    need, free = replay + 4 * checkpoint, shutil.disk_usage(run_dir).free
+    need, free = replay + 3 * checkpoint, shutil.disk_usage(run_dir).free
     if free < need:
         fail("--run-dir", f"{run_dir!r} has {free / 2**30:.2f} GiB free, and this run writes about "
                           f"{need / 2**30:.2f} GiB (real data {replay / 2**30:.2f} GiB, checkpoints "
-                          f"{4 * checkpoint / 2**30:.2f} GiB); free some space or choose another --run-dir")
+                          f"{3 * checkpoint / 2**30:.2f} GiB); free some space or choose another --run-dir")
+
+
+def day_replay(args):
+    """The real data of the day of --day-checkpoint, beside it."""
+    return os.path.join(os.path.dirname(args.day_checkpoint), "replay")
 
 
 def read_checkpoint(path, args, flag):
-    """Read a checkpoint for `flag`, --resume (None when unreadable) or --day-checkpoint, refusing one made with other
-    settings: for a resume any but the Resumable flags, for a night the DayFixed flags and the reward shaping."""
+    """Read a checkpoint for `flag`, --resume or --day-checkpoint, refusing one made with other settings: for a
+    resume any but the Resumable flags, for a night the DayFixed flags and the reward shaping."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         saved, phase = ckpt["args"], ckpt["progress"]["phase"]
-    except Exception as e:  # a file cut short, damaged, or not a checkpoint
-        if flag == "--resume":
-            print(f"warning: cannot read {path} ({type(e).__name__}: {e}); trying the checkpoint before it",
-                  file=sys.stderr, flush=True)
-            return None
-        fail(flag, f"{path!r} is not a day checkpoint of these scripts ({e})")
+    except Exception:  # a file cut short, damaged, or not a checkpoint
+        fail(flag, f"{path!r} cannot be read as a checkpoint (damaged or cut short); remove it to start the run again"
+             if flag == "--resume" else f"{path!r} is not a checkpoint of these scripts; give the day.pt that a day "
+                                        f"run with --save-day wrote")
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         fail(flag, f"{path!r} was written by an older version of these scripts; "
                    + ("start the run again" if flag == "--resume" else "make it again with --save-day"))
@@ -1196,43 +1187,10 @@ def read_checkpoint(path, args, flag):
                   zip(("--penalty", "--reward-scale"), shaping, reward_shaping(args)) if was != now]
     if wrong:
         fail(flag, f"{path!r} was made with other settings; run with: " + ", ".join(wrong))
-    if flag == "--day-checkpoint" and needs_replay(args) and not os.path.isdir(replay_path(path)):
-        fail(flag, f"this night learns from the day's real data, and {replay_path(path)!r} is missing (a benchmark "
+    if flag == "--day-checkpoint" and needs_replay(args) and not os.path.isdir(day_replay(args)):
+        fail(flag, f"this night learns from the day's real data, and {day_replay(args)!r} is missing (a benchmark "
                    f"removes it once the nights that need it are done)")
     return ckpt
-
-
-def latest_checkpoint(run_dir, args):
-    """The last readable checkpoint of the run in `run_dir` (checkpoint.pt, else checkpoint.prev.pt); None when it
-    has none yet."""
-    found = [p for p in (os.path.join(run_dir, name) for name in ("checkpoint.pt", "checkpoint.prev.pt"))
-             if os.path.exists(p)]
-    for path in found:
-        ckpt = read_checkpoint(path, args, "--resume")
-        if ckpt is not None:
-            return ckpt
-    if found:
-        fail("--resume", f"no checkpoint of {run_dir!r} can be read ({', '.join(found)}); remove them to start the "
-                         f"run again")
-    return None
-
-
-def restore(ckpt, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, replay=None):
-    """Load a checkpoint into the run's objects (and the real data it counts from the directory `replay`, when
-    given); returns its progress."""
-    wm.load_state_dict(ckpt["world_model"])
-    agent.load_state_dict(ckpt["agent"])
-    wm_optimizer.load_state_dict(ckpt["wm_optimizer"])
-    agent_optimizer.load_state_dict(ckpt["agent_optimizer"])
-    return_scale.value = ckpt["return_scale"]
-    if replay is not None:
-        load_steps(dataset, replay, ckpt["progress"]["replay_size"])
-    random.setstate(ckpt["rng"]["python"])
-    np.random.set_state(ckpt["rng"]["numpy"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if ckpt["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return ckpt["progress"]
 
 # %% logging
 class Stopwatch:
@@ -1624,11 +1582,9 @@ def claim_run_dir(args):
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
-    except OSError as e:
-        file = next((str(p) for p in (pathlib.Path(path), *pathlib.Path(path).parents) if p.is_file()), None)
-        fail("--run-dir", f"{path!r} cannot be a directory: {file!r} is a file; choose another --run-dir" if file else
-             f"cannot write the run's directory {path!r} ({e.strerror}); run from a writable directory or choose a "
-             f"writable --run-dir")
+    except OSError as e:  # a file in the way, or no permission
+        reason = "a file is in the way" if isinstance(e, (FileExistsError, NotADirectoryError)) else e.strerror
+        fail("--run-dir", f"cannot make the run's directory {path!r} ({reason}); choose another --run-dir")
     return path, lock
 
 
@@ -1636,7 +1592,8 @@ def main(args):
     check_args(args)
     day_ckpt = read_checkpoint(args.day_checkpoint, args, "--day-checkpoint") if args.day_checkpoint else None
     run_dir, lock = claim_run_dir(args)
-    resumed = latest_checkpoint(run_dir, args) if args.resume else None
+    last = os.path.join(run_dir, "checkpoint.pt")
+    resumed = read_checkpoint(last, args, "--resume") if args.resume and os.path.exists(last) else None
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1651,8 +1608,8 @@ def main(args):
     agent_optimizer = make_agent_optimizer(agent, args.day_lr)
     return_scale = ReturnScale(args.return_scale_decay)
     dataset = ReplayDataset(args.num_envs, math.ceil((args.day_epochs * args.day_steps) / args.num_envs) + 1000)
-    objects = (wm, agent, wm_optimizer, agent_optimizer, return_scale)
-    checkpoint = Checkpoints(run_dir, args, *objects, dataset)
+    objects = stateful(wm, agent, wm_optimizer, agent_optimizer, return_scale)
+    checkpoint = Checkpoints(run_dir, args, objects, dataset)
     progress = resumed["progress"] if resumed else dict(phase="night" if day_ckpt else "day", epoch=0, step=0)
     phase, epoch = progress["phase"], progress["epoch"]
     finished = epoch == args.night_epochs if phase == "night" else epoch == args.day_epochs and not args.night_epochs
@@ -1660,14 +1617,12 @@ def main(args):
         print(f"{run_dir}: the run is finished (its last checkpoint is the end of the {phase}); nothing to do")
         return end_run(args, run_dir, lock, envs)
     check_disk(run_dir, args, wm, agent, day_to_run=phase == "day")
-    if args.resume:  # the real data of the steps after the checkpoint (or all, with none) are made again
-        forget_steps_after(replay_dir(run_dir), progress.get("replay_size", 0))
     state = None
     if resumed:
         replay = None  # the real data: this run's own, or a night-only run's day's, when the rest of the run needs them
         if phase == "day" or needs_replay(args):
-            replay = replay_path(args.day_checkpoint) if args.day_checkpoint else replay_dir(run_dir)
-        restore(resumed, *objects, dataset, replay)
+            replay = day_replay(args) if args.day_checkpoint else os.path.join(run_dir, "replay")
+        restore(resumed, objects, dataset, replay)
         if phase == "day":
             state = DayState(**resumed["loop"], epoch=epoch, step=progress["step"], test_return=progress["test_return"])
         resumed = day_ckpt = None  # the rest now lives in the run's objects
@@ -1695,11 +1650,10 @@ def main(args):
     handlers = {s: signal.signal(s, checkpoint.on_stop_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         if phase == "day":
-            progress = day(args, *objects, dataset, envs, log, device, checkpoint, state)
+            progress = day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device, checkpoint, state)
             epoch = 0
         elif day_ckpt is not None:  # a new night from a day checkpoint
-            replay = replay_path(args.day_checkpoint) if needs_replay(args) else None
-            progress = restore(day_ckpt, *objects, dataset, replay)
+            progress = restore(day_ckpt, objects, dataset, day_replay(args) if needs_replay(args) else None)
             day_ckpt = None  # the dataset now lives in `dataset`: free the checkpoint's copy
             log.scalars("charts", dict(test_return=progress["test_return"]), progress["step"])
             print(f"night from {args.day_checkpoint}: day ended at step {progress['step']:,} with test return "
@@ -1726,12 +1680,10 @@ def main(args):
 
 def end_run(args, run_dir, lock, envs):
     """Close the environments, drop what only a resume needed (the real data, unless --save-day keeps them for
-    nights; the checkpoint before the last) and free the run directory."""
+    nights) and free the run directory."""
     envs.close()
     if not args.save_day:
-        shutil.rmtree(replay_dir(run_dir), ignore_errors=True)
-    if os.path.exists(os.path.join(run_dir, "checkpoint.prev.pt")):
-        os.remove(os.path.join(run_dir, "checkpoint.prev.pt"))
+        shutil.rmtree(os.path.join(run_dir, "replay"), ignore_errors=True)
     os.remove(lock.name)
     lock.close()
 
@@ -1739,6 +1691,9 @@ def end_run(args, run_dir, lock, envs):
 if __name__ == "__main__":
     try:
         main(tyro.cli(Args, description=__doc__.split("\n\n")[0]))
+    except Refused as e:
+        print(e, file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted before the run started: nothing saved", file=sys.stderr, flush=True)
         sys.exit(130)

@@ -86,7 +86,7 @@ def main(args):
     optimizer.load_state_dict(ckpt["agent_optimizer"])  # Adam's moments from the day, as a night keeps them
     for group in optimizer.param_groups:
         group["lr"] = args.night_lr
-    return_scale.value = ckpt["return_scale"]
+    return_scale.value = ckpt["return_scale"]["value"]
     np.random.set_state(ckpt["rng"]["numpy"])  # the night's random numbers go on from the day's
     torch.set_rng_state(ckpt["rng"]["torch"])
     wm.requires_grad_(False)

@@ -1,5 +1,5 @@
 """Runs that survive: a run killed at any moment and resumed ends as the run never killed, SIGTERM checkpoints and
-exits 75, a damaged checkpoint falls back to the one before, a non-finite loss stops the run naming its term, and a
+exits 75, a damaged checkpoint is refused in one line, a non-finite loss stops the run naming its term, and a
 run directory without room is refused before the work."""
 
 import random
@@ -127,45 +127,52 @@ def tiny_run(run_dir, **changes):
     wm_opt, agent_opt = make_optimizers(wm, agent, args)
     scale, dataset = dreamer_ppo.ReturnScale(args.return_scale_decay), dreamer_ppo.ReplayDataset(args.num_envs, 10)
     run_dir.mkdir(exist_ok=True)
-    checkpoint = dreamer_ppo.Checkpoints(str(run_dir), args, wm, agent, wm_opt, agent_opt, scale, dataset)
+    checkpoint = dreamer_ppo.Checkpoints(str(run_dir), args, dreamer_ppo.stateful(wm, agent, wm_opt, agent_opt, scale),
+                                         dataset)
     return Run(args, wm, agent, wm_opt, agent_opt, scale, dataset, checkpoint)
 
 
+def latest(run_dir, args):
+    return dreamer_ppo.read_checkpoint(str(run_dir / "checkpoint.pt"), args, "--resume")
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_resume_falls_back_to_the_checkpoint_before_a_damaged_one(tmp_path, capsys, damage):
+def test_resume_refuses_a_damaged_checkpoint_in_one_line(tmp_path, damage):
     run = tiny_run(tmp_path)
     run.checkpoint("night", 1, 3, 40, lambda: 1.0)
     run.checkpoint("night", 2, 3, 80, lambda: 2.0)
-    latest = tmp_path / "checkpoint.pt"
-    assert dreamer_ppo.latest_checkpoint(str(tmp_path), run.args)["progress"]["epoch"] == 2
-    data = latest.read_bytes()
-    latest.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * len(data))
-    ckpt = dreamer_ppo.latest_checkpoint(str(tmp_path), run.args)
-    assert ckpt["progress"] == dict(phase="night", epoch=1, step=40, test_return=1.0, replay_size=0)
-    assert "cannot read" in capsys.readouterr().err
-    (tmp_path / "checkpoint.prev.pt").write_bytes(b"")
+    assert latest(tmp_path, run.args)["progress"] == dict(phase="night", epoch=2, step=80, test_return=2.0,
+                                                          replay_size=0)
+    path = tmp_path / "checkpoint.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * len(data))
     with pytest.raises(SystemExit) as e:
-        dreamer_ppo.latest_checkpoint(str(tmp_path), run.args)
-    assert "--resume" in str(e.value) and "checkpoint.prev.pt" in str(e.value) and "remove" in str(e.value)
+        latest(tmp_path, run.args)
+    message = str(e.value)
+    assert message.startswith("error: --resume: ") and str(path) in message and "remove it" in message
+    assert "\n" not in message
 
 
 def test_resume_refuses_other_flags_and_allows_bookkeeping(tmp_path):
     run = tiny_run(tmp_path)
     run.checkpoint("day", 2, 2, 200, lambda: 0.0)  # the end of the day
-    assert dreamer_ppo.latest_checkpoint(str(tmp_path), tiny_args(run_dir=str(tmp_path), resume=True,
-                                                                   checkpoint_every=5, cuda=True)) is not None
+    assert latest(tmp_path, tiny_args(run_dir=str(tmp_path), resume=True, checkpoint_every=5, cuda=True)) is not None
     with pytest.raises(SystemExit) as e:
-        dreamer_ppo.latest_checkpoint(str(tmp_path), tiny_args(run_dir=str(tmp_path), resume=True, horizon=7))
+        latest(tmp_path, tiny_args(run_dir=str(tmp_path), resume=True, horizon=7))
     assert "--resume" in str(e.value) and "--horizon 5 (here 7)" in str(e.value)
 
 
-def test_checkpoints_keep_the_one_before_and_day_pt_at_the_end_of_the_day(tmp_path):
+def test_checkpoints_every_k_epochs_and_day_pt_at_the_end_of_the_day(tmp_path):
     run = tiny_run(tmp_path, checkpoint_every=2, save_day=True, day_epochs=3)
+    written = []
     for epoch in (1, 2, 3):
         run.checkpoint("day", epoch, 3, 100 * epoch, lambda: 0.0)
-    epochs = {name: torch.load(tmp_path / name, weights_only=False)["progress"]["epoch"]
-              for name in ("checkpoint.pt", "checkpoint.prev.pt", "day.pt")}
-    assert epochs == {"checkpoint.pt": 3, "checkpoint.prev.pt": 2, "day.pt": 3}  # epoch 1: none (every 2)
+        written.append(latest(tmp_path, run.args)["progress"]["epoch"] if (tmp_path / "checkpoint.pt").exists()
+                       else None)
+        assert (tmp_path / "day.pt").exists() == (epoch == 3)
+    assert written == [None, 2, 3]  # epoch 1: none (every 2); the end of the day: one
+    assert torch.load(tmp_path / "day.pt", weights_only=False)["progress"]["epoch"] == 3
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["checkpoint.pt", "day.pt"]  # no temporary file left
 
 
 @pytest.mark.parametrize("module, term, others", [("decoder", "image", ["reward", "cont"]),

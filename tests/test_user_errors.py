@@ -81,7 +81,6 @@ def script_args(module, **changes):
     ("dreamer_ppo", dict(wm_batch_size=5000), "--wm-batch-size", ["--seq-len", "40000", "--day-steps"]),
     ("dreamer_ppo", dict(save_day=True, day_checkpoint=__file__), "--save-day", ["--day-checkpoint"]),
     ("dreamer_ppo", dict(exp_name="mine/first"), "--exp-name", ["'/'", "'mine/first'"]),
-    ("dreamer_ppo", dict(env_id="pong"), "--env-id", ["coinrun", "'pong'"]),
     ("dreamer_ppo_offline", dict(init_states="collected"), "--init-states", ["no dreams", "'collected'"]),
     ("dreamer_ppo_offline", dict(horizon=25, burn_in=25), "--horizon", ["--burn-in + H + 1 = 51", "--day-epochs 2",
                                                           "gives each environment 50"]),
@@ -111,27 +110,11 @@ def test_check_args_accepts_the_paper_protocol(module):
     importlib.import_module(module).check_args(importlib.import_module(module).Args())
 
 
-@pytest.mark.parametrize("installed, env, netrc, refusal", [
-    (False, dict(WANDB_API_KEY="k"), "", 'pip install -e ".[wandb]"'),
-    (True, {}, "", "wandb login"),
-    (True, {}, "machine example.com login me password k\n", "WANDB_MODE=offline"),
-    (True, dict(WANDB_MODE="online"), "", "wandb login"),
-    (True, dict(WANDB_API_KEY="k"), "", None),
-    (True, dict(WANDB_MODE="offline"), "", None),
-    (True, dict(WANDB_MODE="disabled"), "", None),
-    (True, {}, "machine api.wandb.ai login user password k\n", None),
-])
-def test_track_needs_wandb_and_a_key(monkeypatch, tmp_path, installed, env, netrc, refusal):
+@pytest.mark.parametrize("installed, refusal", [(False, 'pip install -e ".[wandb]"'), (True, None)])
+def test_track_needs_wandb(monkeypatch, installed, refusal):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: (object() if installed else None) if name == "wandb" else find_spec(name, *a))
-    for key in ("WANDB_API_KEY", "WANDB_MODE"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    (tmp_path / "netrc").write_text(netrc)
-    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
-    monkeypatch.setenv("HOME", str(tmp_path))
     if refusal is None:
         dreamer_ppo.check_args(tiny_args(track=True))
         return
@@ -247,7 +230,7 @@ def test_hyperparameters_log_what_the_run_uses(monkeypatch, tmp_path):
 ])
 def test_interrupted_says_what_was_saved_and_the_command_that_continues(monkeypatch, latest, argv, words):
     monkeypatch.setattr(sys, "argv", argv)
-    checkpoint = dreamer_ppo.Checkpoints("runs/run", tiny_args(), *[None] * 6)
+    checkpoint = dreamer_ppo.Checkpoints("runs/run", tiny_args(), {}, None)
     checkpoint.latest = latest  # as the run's last checkpoint sets it
     assert checkpoint.interrupted() == words
 
@@ -276,4 +259,5 @@ def test_ctrl_c_ends_with_one_line_and_code_130(tmp_path, flags, wait_for, saved
         assert argv[:2] == ["python", str(SCRIPT)]
         args = tyro.cli(dreamer_ppo.Args, args=argv[2:])
         dreamer_ppo.check_args(args)
-        assert dreamer_ppo.latest_checkpoint(str(tmp_path / args.run_dir), args)["progress"]["phase"] == "day"
+        ckpt = dreamer_ppo.read_checkpoint(str(tmp_path / args.run_dir / "checkpoint.pt"), args, "--resume")
+        assert ckpt["progress"]["phase"] == "day"
