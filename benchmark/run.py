@@ -211,8 +211,8 @@ def execute(run, out, keep_replay, env=None, check=False, started=None, ignore=(
     with open(run.dir / LOG, "a") as log:
         log.write(shlex.join(run.cmd) + "\n")
         log.flush()
-        proc = subprocess.Popen(run.cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=(lambda: [signal.signal(s, signal.SIG_IGN) for s in ignore]) if ignore else None)
+        ignored = (lambda: [signal.signal(s, signal.SIG_IGN) for s in ignore]) if ignore else None
+        proc = subprocess.Popen(run.cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=ignored)
         if started is not None:
             started(proc)
         code = proc.wait()
