@@ -85,13 +85,13 @@ def test_a_day_its_nights_and_the_plots_then_the_same_command_skips_them(tmp_pat
 
 
 def test_a_preempted_job_checkpoints_is_requeued_and_ends_as_the_run_never_stopped(tmp_path):
-    """A day of 4 tiny epochs (checkpoints only at its end, or when signalled) preempted the way submitit's own
+    """A day of 6 tiny epochs (checkpoints only at its end, or when signalled) preempted the way submitit's own
     hook does (scancel --signal SIGTERM, then USR2) at its second epoch: its script checkpoints at the end of its
     epoch, the job is requeued and goes on from that checkpoint, to the same weights and curves as the same day
     run without a stop (here, outside SLURM, meanwhile)."""
     import submitit
 
-    flags = ("--day-epochs", "4", "--checkpoint-every", "0")
+    flags = ("--day-epochs", "6", "--checkpoint-every", "0")
     stopped, = runner.expand(["coinrun"], [1], [], "tiny", flags, str(tmp_path / "stopped"))
     whole, = runner.expand(["coinrun"], [1], [], "tiny", flags, str(tmp_path / "whole"))
     executor = submitit.AutoExecutor(folder=tmp_path / "slurm" / "%j", cluster="slurm")
@@ -111,10 +111,13 @@ def test_a_preempted_job_checkpoints_is_requeued_and_ends_as_the_run_never_stopp
     assert reference.wait(timeout=600) == 0
     text = log.read_text()
     assert states[job.job_id][0] == "COMPLETED" and states[job.job_id][2] == 1, (states, text[-3000:])
-    epoch = int(text.split("resumed from the checkpoint of day epoch ")[1].split()[0])
-    assert 2 <= epoch < 4, text[-3000:]  # checkpointed when signalled: no other checkpoint before the end
+    # the epoch it announced on the signal (the one after the epoch in training, whose evaluation overlaps it) ...
+    epoch = int(text.split("the run stops at the end of day epoch ")[1].split("/")[0])
+    assert 2 <= epoch < 6, text[-3000:]
+    # ... is where it went on from (with --checkpoint-every 0 no other checkpoint was written before the end)
+    assert f"resumed from the checkpoint of day epoch {epoch} " in text, text[-3000:]
     same_run(whole.dir, stopped.dir)
-    assert len(scalars(stopped.dir)["charts/test_return"]) == 4
+    assert len(scalars(stopped.dir)["charts/test_return"]) == 6
 
 
 def test_a_failed_day_cancels_its_nights(tmp_path):
