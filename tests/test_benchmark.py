@@ -132,6 +132,8 @@ def test_dry_run_narrow_presets_give_each_seed_its_levels(tmp_path, preset, leve
     (dict(WORKERS="-2"), "a whole number, 1 or more"), (dict(WORKERS="0"), "a whole number, 1 or more"),
     (dict(WORKERS_PER_GPU="four"), "1 or more"), (dict(SMOOTH="0"), "1 or more"),
     (dict(BACKEND="aws"), "one of local, slurm"), (dict(SLURM_TIME_MIN="4h", BACKEND="slurm"), "1 or more"),
+    (dict(SLURM_GPUS="-1", BACKEND="slurm"), "a whole number, 0 or more"),
+    (dict(SLURM_EXTRA="--exclusive reservation=r1", BACKEND="slurm"), "'reservation=r1' is not an sbatch option"),
     (dict(ENVS="notagame"), "'notagame' is not a ProcGen game; the games (in lower case) are bigfish, "),
     (dict(ENVS="CoinRun", DRY_RUN="1"), "'CoinRun' is not a ProcGen game"), (dict(ENVS=" "), "at least one"),
     (dict(DRY_RUN="yes"), "1 (on), or 0 or empty (off)"), (dict(KEEP_REPLAY="true"), "1 (on)")])
@@ -144,6 +146,32 @@ def test_bad_settings_refused_in_one_line_before_anything(tmp_path, variables, a
     assert result.stderr.splitlines() == [result.stderr.strip()]  # one line, no traceback
     assert result.stderr.startswith(f"{name}={value!r}: ") and allowed in result.stderr
     assert not out.exists()
+
+
+def test_an_out_that_cannot_be_made_is_refused_in_one_line(tmp_path):
+    result = subprocess.run(["bash", str(ROOT / "benchmark" / "fig3.sh")], capture_output=True, text=True,
+                            env=environment(OUT="/proc/forbidden", PYTHON=sys.executable))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "OUT='/proc/forbidden': a directory that can be made and written: No such file or directory\n"
+
+
+def test_the_scripts_arguments_after_a_second_double_dash(tmp_path):
+    """`bash fig3.sh -- --day-epochs 12` (the `--` that run.py wants) passes the same arguments as without it."""
+    assert dry_run("fig3", tmp_path, "--", "--day-epochs", "12") == dry_run("fig3", tmp_path, "--day-epochs", "12")
+    assert all(flag(cmd, "--day-epochs") == "12" and "--" not in cmd for cmd in dry_run("fig3", tmp_path,
+                                                                                         "--day-epochs", "12")[:-1])
+
+
+def test_the_runs_arguments_are_checked_before_anything_is_submitted(tmp_path):
+    """Each script parses its runs' arguments (and the day checks them as at its start) before the first sbatch."""
+    for args, words in ((["--bogus", "1"], "Unrecognized options: --bogus, 1"),
+                        (["--", "--seq-len", "1000"], "error: --seq-len: must be at most --day-steps / --num-envs")):
+        result = bash("fig3", tmp_path / "out", *args, BACKEND="slurm", PRESET="tiny", ENVS="coinrun", SEEDS="1")
+        assert result.returncode == 2 and result.stdout == "", result.stderr
+        refusal = result.stderr.splitlines()[1:]
+        assert len(refusal) == 1 and refusal[0].startswith(f"the runs' arguments {' '.join(args[-2:])!r}: refused "
+                                                            "before anything was submitted: ") and words in refusal[0]
+        assert not (tmp_path / "out").exists()
 
 
 def test_bad_flag_refused_by_its_name(fake, capsys):
@@ -348,14 +376,19 @@ def test_replay_kept_until_its_last_data_night(fake):
     assert fake("fig4", seeds=("1",)) == (0, ["coinrun/offline/seed1"]) and not replay.exists()
 
 
-def test_slurm_submits_nights_after_their_day(fake, monkeypatch, capsys):
-    submitted = []
+@pytest.fixture
+def submitit_stand_in(monkeypatch):
+    """A stand-in for submitit whose executor records each submission (name, parameters) and whose sbatch refuses
+    the submission numbered `refuse_at` (from 1); the runs' arguments are not checked (the scripts are fakes)."""
+    submitted, cancelled = [], []
 
     class Job:
         def __init__(self, job_id):
             self.job_id = job_id
 
     class Executor:
+        refuse_at = None
+
         def __init__(self, folder, cluster):
             assert cluster == "slurm"
             self.params = {}
@@ -364,18 +397,31 @@ def test_slurm_submits_nights_after_their_day(fake, monkeypatch, capsys):
             self.params.update(params)
 
         def submit(self, fn, *args, **kwargs):
+            if len(submitted) + 1 == Executor.refuse_at:
+                print("sbatch: error: Invalid account or account/partition combination specified", file=sys.stderr)
+                raise RuntimeError("sbatch: error: Invalid account or account/partition combination specified")
             submitted.append((fn.run.name if isinstance(fn, runner.SlurmRun) else "plots", dict(self.params)))
             return Job(str(100 + len(submitted)))
 
     monkeypatch.setitem(sys.modules, "submitit", type(sys)("submitit"))
     sys.modules["submitit"].AutoExecutor = Executor
+    monkeypatch.setattr(runner, "check_arguments", lambda todo, extra: None)
+    real_run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda cmd, *a, **k: cancelled.extend(cmd[1:]) if cmd[0] == "scancel"
+                        else real_run(cmd, *a, **k))
+    return Executor, submitted, cancelled
+
+
+def test_slurm_submits_nights_after_their_day(fake, submitit_stand_in, monkeypatch):
+    _, submitted, _ = submitit_stand_in
     assert fake("fig3", BACKEND="slurm", SLURM_PARTITION="gpu") == (0, [])
     jobs = {name: (str(101 + i), params) for i, (name, params) in enumerate(submitted)}
     assert list(jobs)[:2] == ["coinrun/day/seed1", "coinrun/day/seed2"] and len(jobs) == 2 + 4 + 1
     for name, (_, params) in jobs.items():
         deps = params["slurm_additional_parameters"].get("dependency")
-        if "/day/" in name:
-            assert deps is None and params["gpus_per_node"] == 1 and params["slurm_partition"] == "gpu"
+        if "/day/" in name:  # PRESET=paper: a GPU, 8 CPUs and 32 GB per job
+            assert deps is None and params["slurm_partition"] == "gpu"
+            assert (params["gpus_per_node"], params["cpus_per_task"], params["mem_gb"]) == (1, 8, 32)
         elif name != "plots":
             assert deps == "afterok:" + jobs[f"coinrun/day/seed{name[-1]}"][0]
     assert jobs["plots"][1]["slurm_additional_parameters"]["dependency"] == "afterany:" + ":".join(
@@ -384,6 +430,35 @@ def test_slurm_submits_nights_after_their_day(fake, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "submitit", None)
     with pytest.raises(SystemExit, match="pip install"):
         fake("fig3", BACKEND="slurm")
+
+
+def test_slurm_resources_fit_the_preset_and_take_a_sites_options(fake, submitit_stand_in):
+    """The CPU presets' runs use one thread and no GPU; account, QOS, constraint and any sbatch option pass on."""
+    _, submitted, _ = submitit_stand_in
+    assert fake("fig3", BACKEND="slurm", PRESET="tiny", SLURM_ACCOUNT="lab", SLURM_QOS="low",
+                SLURM_CONSTRAINT="avx512", SLURM_EXTRA="--reservation=r1 --exclusive") == (0, [])
+    day = dict(submitted)["coinrun/day/seed1"]
+    assert (day["gpus_per_node"], day["cpus_per_task"], day["mem_gb"]) == (0, 1, 8)
+    assert (day["slurm_account"], day["slurm_qos"], day["slurm_constraint"]) == ("lab", "low", "avx512")
+    assert day["slurm_additional_parameters"] == dict(reservation="r1", exclusive=True)
+    night = dict(submitted)["coinrun/dreamer_random/seed1"]
+    assert night["slurm_additional_parameters"]["reservation"] == "r1" and "dependency" in night[
+        "slurm_additional_parameters"]
+    submitted.clear()
+    assert fake("fig3", BACKEND="slurm", PRESET="tiny", SLURM_GPUS="2", SLURM_CPUS="4") == (0, [])
+    assert (dict(submitted)["coinrun/day/seed1"]["gpus_per_node"], dict(submitted)["plots"]["gpus_per_node"]) == (2, 0)
+
+
+def test_a_refused_submission_in_one_line_and_the_jobs_before_it_cancelled(fake, submitit_stand_in, capsys):
+    executor, submitted, cancelled = submitit_stand_in
+    executor.refuse_at = 3  # the first night
+    with pytest.raises(SystemExit) as stop:
+        fake("fig3", BACKEND="slurm", SLURM_ACCOUNT="nolab")
+    assert stop.value.code == 1 and cancelled == ["101", "102"]
+    err = capsys.readouterr().err.splitlines()
+    assert err[1:] == ["sbatch refused the job of coinrun/dreamer_random/seed1 (check SLURM_ACCOUNT and the other "
+                       "SLURM_* settings): sbatch: Invalid account or account/partition combination specified; the 2 "
+                       "jobs submitted before it cancelled (101 102)"]
 
 
 def test_a_preempted_slurm_job_has_its_run_checkpoint_then_requeues_it(monkeypatch, tmp_path):
@@ -400,7 +475,8 @@ def test_a_preempted_slurm_job_has_its_run_checkpoint_then_requeues_it(monkeypat
                                 stdout=subprocess.PIPE, text=True)
     assert job.proc.stdout.readline() == "ready\n"  # its handler is in place
     kind, again, args = job.checkpoint()
-    assert job.proc.returncode == runner.PREEMPTED and kind == "requeued" and args == ()
+    assert runner.exited(job.proc) and job.proc.wait(timeout=1) == runner.PREEMPTED  # waited for, not reaped
+    assert kind == "requeued" and args == ()
     assert isinstance(again, runner.SlurmRun) and again.run == run and again.proc is None
     assert pickle.loads(pickle.dumps(job)).proc is None  # a job is pickled without its process
 
