@@ -24,8 +24,8 @@ def run(tmp_path, monkeypatch, name, slow_evaluation=False, **changes):
     monkeypatch.setattr(module, "native_bf16", lambda device: True)
     evaluate = module.evaluate
 
-    def slow(wm, agent, args, step, device, episodes=None):
-        returns = evaluate(wm, agent, args, step, device, episodes)
+    def slow(wm, agent, args, step, device, episodes=None, **film):
+        returns = evaluate(wm, agent, args, step, device, episodes, **film)
         end = time.time() + 1.0
         while threading.current_thread() is not threading.main_thread() and time.time() < end:
             with module.autocast(device, args), torch.no_grad():
