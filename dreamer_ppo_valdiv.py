@@ -7,6 +7,7 @@ Where the paper is terse, the choices made (and why) are listed in CHOICES.md, b
 """
 
 # %% imports
+import concurrent.futures
 import contextlib
 import copy
 import fcntl
@@ -24,7 +25,7 @@ import threading
 import time
 import typing
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Annotated, Any, Literal, Optional, TypeVar
+from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
 import torch
@@ -45,8 +46,6 @@ from torch.utils.tensorboard import SummaryWriter  # noqa: E402
 # %% hyperparameters
 PROCGEN_GAMES = ("bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
                  "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot")
-T = TypeVar("T")
-DayFixed = Annotated[T, "day"]  # a flag a night must share with the day checkpoint it starts from (`read_checkpoint`)
 
 
 @dataclass
@@ -54,13 +53,13 @@ class Hyperparameters:
     """The paper's hyperparameters (Tables 1-2); the run's own flags are `Args`, in the harness below."""
 
     # Environment (Section 5.1, Table 2)
-    env_id: DayFixed[Literal[PROCGEN_GAMES]] = "coinrun"
+    env_id: Literal[PROCGEN_GAMES] = "coinrun"
     """the ProcGen game (easy mode)"""
-    num_levels: DayFixed[int] = 200
+    num_levels: int = 200
     """N: training levels; tests use the full distribution (Section 5.1)"""
-    start_level: DayFixed[int] = 0
+    start_level: int = 0
     """the first training level: the levels are start_level, ..., start_level + N - 1 (ProcGen's; the paper's: 0)"""
-    num_envs: DayFixed[int] = 5
+    num_envs: int = 5
     """parallelized environments (Table 2)"""
     test_repetitions: int = 5
     """test repetition (Table 2): each evaluation plays num_envs x test_repetitions test episodes"""
@@ -101,21 +100,21 @@ class Hyperparameters:
     Offline night's sequences; not in the paper, = L)"""
 
     # Networks (Table 1)
-    categoricals: DayFixed[int] = 32
+    categoricals: int = 32
     """C: categorical latents"""
-    classes: DayFixed[int] = 32
+    classes: int = 32
     """J: classes per categorical"""
-    rnn_units: DayFixed[int] = 512
+    rnn_units: int = 512
     """RNN hidden units (size of h)"""
-    cnn_depth: DayFixed[int] = 32
+    cnn_depth: int = 32
     """convolution filters [d, 2d, 4d, 8d] = [32, 64, 128, 256] for d = 32"""
-    mlp_units: DayFixed[int] = 512
+    mlp_units: int = 512
     """linear units"""
-    mlp_layers: DayFixed[int] = 2
+    mlp_layers: int = 2
     """MLP layers"""
-    bins: DayFixed[int] = 255
+    bins: int = 255
     """K: reward/return bins, 2 or more"""
-    bins_extreme: DayFixed[float] = 20.0
+    bins_extreme: float = 20.0
     """bins extremes -20, +20 (in symlog space)"""
     unimix: float = 0.01
     """uniform share of the categorical latents (DreamerV3), in [0, 1)"""
@@ -654,11 +653,11 @@ def imagine(wm, agent, h, z, horizon, args, clock=None):
     keys = ("states", "actions", "logprobs", "values", "bootstrap_values", "rewards", "conts", "changed")
     traj = {k: [] for k in keys}
     moves = {k: [] for k in ("value_move", "h_move", "z_flip_frac")}
-    clock = clock or Stopwatch()
+    clock = Stopwatch() if clock is None else clock
     for _ in range(horizon):
         h_in, z_in = h, z
-        with clock.part("transformation"):
-            h, z, changed = transform(h, z, wm, agent, args)
+        with clock("transformation"):
+            h, z, changed = transform(h, z, wm, agent, args)  # with gradients: DeepDream and ValDiv climb them
         s = state_features(h, z)
         with torch.no_grad(), autocast(h.device, args):
             action, logprob, _, _, value = agent.get_action_and_value(s)
@@ -740,97 +739,79 @@ def transform(h, z, wm, agent, args, force=False, generator=None):
 # %% day
 @dataclass
 class DayState:
-    """Where a day stands after an epoch, what a resumed day goes on from: the frames shown (`envs_state`:
-    ProcGen's own), the agent's state (h, z), each episode's score so far, the epoch, its step and test return."""
+    """What the day's acting goes on from: the frames shown, each episode's first step, score so far, the agent's
+    state (h, z) of the frame shown, and ProcGen's own state (`envs_state`, set in a checkpoint)."""
     obs: np.ndarray
     is_first: np.ndarray
     score: np.ndarray
     h: torch.Tensor
     z: torch.Tensor
     envs_state: Any = None
-    epoch: int = 0
-    step: int = 0
-    test_return: Optional[float] = None
 
 
-def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device, checkpoint=None,
-        state=None):
+def day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, device, run):
     """Algorithm 1 by day: S random seed episodes, then E_d epochs of U_w world-model updates, T_d real steps acting
-    on posterior states, PPO on them, an evaluation and `checkpoint`. Resumed: the epochs after `state`'s."""
+    on posterior states and PPO on them. `run` (the harness) times the parts, logs, evaluates and checkpoints;
+    resumed, the epochs after its position, from its `acting` state."""
     penalty, scale = reward_shaping(args)
     n = args.num_envs
-    s = state or play_seed_episodes(args, wm, dataset, envs, device)
+    s = run.acting or play_seed_episodes(args, wm, dataset, envs, device)
     if s.envs_state is not None:
         envs.env.set_state(s.envs_state)
     s.h, s.z = s.h.to(device), s.z.to(device)
-    evaluation = Evaluator(wm, agent, args, device, log, s.test_return)
-    for s.epoch in range(s.epoch + 1, args.day_epochs + 1):
-        clock = Stopwatch("world_model", "acting", "ppo", "evaluation", "diagnostics")
-        # The model's predictions on the steps it has not trained on yet: the last epoch's (the first: the seed's).
-        open_loop(wm, dataset, dataset.size - args.day_steps // n if s.epoch > 1 else 0, args, device, log, s.step,
-                  s.epoch)
-        clock.lap("diagnostics")
-        wm_stats = []
-        for _ in range(args.wm_updates):
-            batch = to_torch(dataset.sample(args.wm_batch_size, args.seq_len, args.reward_seq_fraction), device)
-            with autocast(device, args):
-                loss, metrics, _ = wm.loss(batch, args)
-            check_finite(metrics, "world-model", "day", s.epoch)  # before its step spoils the model
-            wm_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(wm.parameters(), args.wm_grad_clip)
-            wm_optimizer.step()
-            wm_stats.append(metrics)
-        wm_means = {k: float(np.mean([m[k] for m in wm_stats])) for k in wm_stats[0]}
-        clock.lap("world_model")
-        keys = ("states", "actions", "logprobs", "values", "rewards", "conts")
-        traj, finished = {k: [] for k in keys}, []
-        for _ in range(args.day_steps // n):
-            states = state_features(s.h, s.z)
+    if run.pos.epoch == 0:  # the model's predictions on the steps it has not trained on yet: the seed episodes'
+        open_loop(wm, dataset, 0, args, device, run, 0, 1)
+    for epoch in run.epochs("day"):
+        with run.clock("world_model"):
+            wm_stats = []
+            for _ in range(args.wm_updates):
+                batch = to_torch(dataset.sample(args.wm_batch_size, args.seq_len, args.reward_seq_fraction), device)
+                with autocast(device, args):
+                    loss, metrics, _ = wm.loss(batch, args)
+                check_finite(metrics, "world-model", "day", epoch)  # before its step spoils the model
+                wm_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(wm.parameters(), args.wm_grad_clip)
+                wm_optimizer.step()
+                wm_stats.append(metrics)
+            wm_means = {k: float(np.mean([m[k] for m in wm_stats])) for k in wm_stats[0]}
+        with run.clock("acting"):
+            keys = ("states", "actions", "logprobs", "values", "rewards", "conts")
+            traj, finished = {k: [] for k in keys}, []
+            for _ in range(args.day_steps // n):
+                states = state_features(s.h, s.z)
+                with torch.no_grad(), autocast(device, args):
+                    action, logprob, _, _, value = agent.get_action_and_value(states)
+                action_np = action.cpu().numpy()
+                next_obs, reward, done, _ = envs.step(action_np)
+                shaped = shape_reward(reward, done, penalty, scale)
+                dataset.add(obs=s.obs, actions=action_np, rewards=shaped, conts=1.0 - done, is_first=s.is_first,
+                            logprobs=logprob.float().cpu().numpy())
+                s.score += reward
+                finished += list(s.score[done])
+                s.score[done] = 0.0
+                s.obs, s.is_first = next_obs["rgb"], done
+                with torch.no_grad(), autocast(device, args):
+                    s.h, s.z = wm.filter_step(s.h, s.z, action, torch.as_tensor(s.obs, device=device),
+                                              torch.as_tensor(done, device=device))
+                for key, x in zip(keys, (states, action, logprob, value, torch.as_tensor(shaped, device=device),
+                                         torch.as_tensor(1.0 - done, device=device))):
+                    traj[key].append(x)
             with torch.no_grad(), autocast(device, args):
-                action, logprob, _, _, value = agent.get_action_and_value(states)
-            action_np = action.cpu().numpy()
-            next_obs, reward, done, _ = envs.step(action_np)
-            shaped = shape_reward(reward, done, penalty, scale)
-            dataset.add(obs=s.obs, actions=action_np, rewards=shaped, conts=1.0 - done, is_first=s.is_first,
-                        logprobs=logprob.float().cpu().numpy())
-            s.score += reward
-            finished += list(s.score[done])
-            s.score[done] = 0.0
-            s.obs, s.is_first = next_obs["rgb"], done
-            with torch.no_grad(), autocast(device, args):
-                s.h, s.z = wm.filter_step(s.h, s.z, action, torch.as_tensor(s.obs, device=device),
-                                          torch.as_tensor(done, device=device))
-            for key, x in zip(keys, (states, action, logprob, value, torch.as_tensor(shaped, device=device),
-                                     torch.as_tensor(1.0 - done, device=device))):
-                traj[key].append(x)
-        with torch.no_grad(), autocast(device, args):
-            traj = stack_trajectory(traj, agent.value(state_features(s.h, s.z)))
-        traj["weights"] = torch.ones_like(traj["rewards"])
-        clock.lap("acting")
-        stats = train_agent(agent, agent_optimizer, return_scale, traj, args.day_gamma, args, device)
-        check_finite(stats, "agent", "day", s.epoch)
-        s.step += args.day_steps
-        clock.lap("ppo")
-        sps = args.day_steps / (clock.parts["acting"] + clock.parts["ppo"])
-        log.scalars("world_model", wm_means, s.step)
-        log.scalars("losses", stats, s.step)
-        log.scalars("charts", dict(SPS=sps, wm_update_seconds=clock.parts["world_model"] / args.wm_updates), s.step)
+                traj = stack_trajectory(traj, agent.value(state_features(s.h, s.z)))
+            traj["weights"] = torch.ones_like(traj["rewards"])
+        with run.clock("ppo"):
+            stats = train_agent(agent, agent_optimizer, return_scale, traj, args.day_gamma, args, device)
+        run.pos.step += args.day_steps
+        with run.clock("diagnostics"):  # on this epoch's steps, which the next epoch trains on (before a checkpoint)
+            if epoch < args.day_epochs:
+                open_loop(wm, dataset, dataset.size - args.day_steps // n, args, device, run, run.pos.step, epoch + 1)
+        charts = dict(wm_update_seconds=run.clock["world_model"] / args.wm_updates)
         if finished:
-            log.scalars("charts", dict(train_return=float(np.mean(finished))), s.step)
-        train = f"{np.mean(finished):.2f}" if finished else "-"
-        evaluation.start(wm, agent, "day", s.epoch, args.day_epochs, s.step,
-                         f"train {train} wm_loss {wm_means['loss']:.1f} SPS {sps:.0f}")
-        clock.lap("evaluation")
-        log.times("day", clock.parts, s.step)
-        if s.epoch == args.day_epochs:
-            evaluation.finish()
-            final_evaluation(wm, agent, args, device, log, "day", s.step)
-        if checkpoint is not None:
-            checkpoint("day", s.epoch, args.day_epochs, s.step, evaluation.finish, loop=lambda: dict(
-                envs_state=envs.env.get_state(), obs=s.obs, is_first=s.is_first, score=s.score, h=s.h.cpu(),
-                z=s.z.cpu()))
-    return dict(step=s.step, test_return=evaluation.finish())
+            charts["train_return"] = float(np.mean(finished))
+        train = f"{charts['train_return']:.2f}" if finished else "-"
+        run.end_epoch(f"train {train} wm_loss {wm_means['loss']:.1f}", acting=s, losses=stats, world_model=wm_means,
+                      charts=charts)
 
 
 def play_seed_episodes(args, wm, dataset, envs, device):
@@ -858,46 +839,28 @@ def play_seed_episodes(args, wm, dataset, envs, device):
     return DayState(obs, is_first, score, h, z)
 
 # %% night
-def night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, step, checkpoint=None, epoch=0):
-    """Algorithm 1 by night: E_n epochs of B_a U_a dreams of H steps from the frozen world model, PPO on them
-    (gamma = 1 - 1/H), an evaluation and `checkpoint`. Resumed: the epochs after `epoch`."""
+def night(args, wm, agent, agent_optimizer, return_scale, dataset, device, run):
+    """Algorithm 1 by night: E_n epochs of B_a U_a dreams of H steps from the frozen world model and PPO on them
+    (gamma = 1 - 1/H). `run` (the harness) times, logs, evaluates and checkpoints; resumed, the epochs after its
+    position."""
     wm.requires_grad_(False)
-    if epoch == 0:  # a resumed night keeps the learning rates restored with its optimizer
+    if run.pos.phase == "day":  # a resumed night keeps the learning rates restored with its optimizer
         for group in agent_optimizer.param_groups:
             group["lr"] = args.night_lr
     n = args.agent_batch_size * args.agent_updates
-    evaluation = Evaluator(wm, agent, args, device, log)
-    for epoch in range(epoch + 1, args.night_epochs + 1):
-        clock = Stopwatch("dreaming", "transformation", "ppo", "evaluation")
-        with torch.no_grad(), autocast(device, args):
-            if args.init_states == "random":
-                h, z = random_initial_states(wm, n)
-            else:
-                h, z = collected_initial_states(wm, dataset, n, args)
-        traj, dream_stats = imagine(wm, agent, h.float(), z.float(), args.horizon, args, clock)
-        clock.lap("dreaming")
-        stats = train_agent(agent, agent_optimizer, return_scale, traj, 1 - 1 / args.horizon, args, device)
-        check_finite(stats, "agent", "night", epoch)
-        step += n * args.horizon
-        clock.lap("ppo")
-        sps = n * args.horizon / sum(clock.parts.values())
-        log.scalars("losses", stats, step)
-        log.scalars("dream", dream_stats, step)
-        if args.dream_images_every and (epoch - 1) % args.dream_images_every == 0:
-            log_dream_images(wm, agent, traj["states"].flatten(0, 1), args, log.writer, step)
-            log_dream_video(wm, agent, traj["states"], args, log, step)
-        log.scalars("charts", dict(SPS=sps), step)
-        evaluation.start(wm, agent, "night", epoch, args.night_epochs, step,
-                         f"dream return {dream_stats['return_mean']:.2f} SPS {sps:.0f}")
-        clock.lap("evaluation")
-        log.times("night", clock.parts, step)
-        if epoch == args.night_epochs:
-            evaluation.finish()
-            final_evaluation(wm, agent, args, device, log, "night", step)
-        if checkpoint is not None:
-            checkpoint("night", epoch, args.night_epochs, step, evaluation.finish)
-    evaluation.finish()
-    return step
+    for epoch in run.epochs("night"):
+        with run.clock("dreaming"):
+            with torch.no_grad(), autocast(device, args):
+                if args.init_states == "random":
+                    h, z = random_initial_states(wm, n)
+                else:
+                    h, z = collected_initial_states(wm, dataset, n, args)
+            traj, dream_stats = imagine(wm, agent, h.float(), z.float(), args.horizon, args, run.clock)
+        with run.clock("ppo"):
+            stats = train_agent(agent, agent_optimizer, return_scale, traj, 1 - 1 / args.horizon, args, device)
+        run.pos.step += n * args.horizon
+        log_dream_images(wm, agent, traj["states"], args, run, run.pos.step, epoch)
+        run.end_epoch(f"dream return {dream_stats['return_mean']:.2f}", losses=stats, dream=dream_stats)
 
 
 def needs_replay(args):
@@ -906,35 +869,34 @@ def needs_replay(args):
 
 # %% run flags
 # ===== The harness: run flags, checks, checkpoints and resume, logging, evaluation, diagnostics, main =====
-Resumable = Annotated[T, "resumable"]  # a run flag a resumed run may change: how it runs, not what it computes
 
 
 @dataclass
 class Args(Hyperparameters):
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (the script's name)"""
-    seed: DayFixed[int] = 1
+    seed: int = 1
     """seed of the experiment, in [0, 2^31) (a night goes on from its day's random states and shares its seed)"""
     torch_deterministic: bool = True
     """`torch.backends.cudnn.deterministic`"""
-    cuda: Resumable[bool] = True
+    cuda: bool = True
     """use CUDA when there is a GPU; CPU otherwise"""
-    bf16: Resumable[bool] = True
+    bf16: bool = True
     """the paper's mixed precision: bf16 autocast where the device computes bf16 natively (CUDA, a CPU with
     AVX512-BF16 or AMX), fp32 elsewhere; --no-bf16: fp32 everywhere"""
-    track: Resumable[bool] = False
+    track: bool = False
     """mirror TensorBoard to Weights & Biases (`pip install -e ".[wandb]"`; `wandb login` or WANDB_MODE=offline)"""
-    wandb_project_name: Resumable[str] = "dreamer-ppo"
+    wandb_project_name: str = "dreamer-ppo"
     """the Weights & Biases project"""
-    wandb_entity: Resumable[Optional[str]] = None
+    wandb_entity: Optional[str] = None
     """the Weights & Biases entity (team)"""
-    run_dir: Resumable[Optional[str]] = None
+    run_dir: Optional[str] = None
     """where the run writes (events, checkpoints, real data), refused when another run uses it or when it holds a
     run's events (unless --resume); default runs/{env_id}__{exp_name}[_collected][_night]__{seed}__{time}"""
-    resume: Resumable[bool] = False
+    resume: bool = False
     """continue the run of --run-dir from its last checkpoint (start it when it has none): the same command with
     --resume added; the epochs after that checkpoint are redone (not in the paper)"""
-    checkpoint_every: Resumable[int] = 10
+    checkpoint_every: int = 10
     """write {run_dir}/checkpoint.pt (replacing the one before) every this many epochs, at the end of the day and
     of the night, and on SIGTERM or SIGUSR1 (then exit 75); 0: only at those ends (not in the paper)"""
     save_day: bool = False
@@ -945,26 +907,21 @@ class Args(Hyperparameters):
     eval_train_levels: bool = True
     """also evaluate on the N training levels every epoch, in the same batch as the test episodes
     (charts/train_levels_return, the generalization gap; not in the paper); --no-eval-train-levels saves that"""
-    eval_overlap: Resumable[bool] = True
+    eval_overlap: bool = True
     """run each epoch's evaluation in a background thread, on a copy of the weights, while the next epoch trains
     (not in the paper: the same returns, logged at the epoch they belong to); --no-eval-overlap waits for it"""
     dream_images_every: int = 10
     """log images every this many epochs: by night decoded dream states before and after their transformation
     (Figure 2, for one's own runs; not in the Offline script), by day the open-loop prediction; 0 never"""
-    capture_video: Resumable[bool] = False
+    capture_video: bool = False
     """record videos (CleanRL's flag; not in the paper; `pip install -e ".[video]"`) under {run_dir}/videos/ and in
     TensorBoard (and W&B): the evaluation's first test episodes, and the dreams and open-loop prediction in motion
     where --dream-images-every logs their images"""
-    video_every: Resumable[int] = 10
+    video_every: int = 10
     """with --capture-video, film the evaluation's test episodes every this many epochs and at each phase's end"""
-    final_episodes: DayFixed[int] = 500
+    final_episodes: int = 500
     """the final evaluation at the end of each phase: this many test and as many training-level episodes on levels
     drawn from the seed alone, the same for a day and its nights (final/*, not in the paper); 0 skips it"""
-
-
-def marked(cls, mark):
-    """The names of the fields of `cls` whose type carries `mark` (DayFixed, Resumable)."""
-    return [f.name for f in fields(cls) if mark in getattr(f.type, "__metadata__", ())]
 
 # %% checks
 POSITIVE = (lambda x: x >= 1, "a positive integer")
@@ -1045,9 +1002,38 @@ def check_args(args):
             fail(flag, message)
     check_transformation_args(args)
 
+
+def resolved(args):
+    """`args` with Table 2's reward shaping of its game where --penalty or --reward-scale is left out: once, at the
+    start, so that the run logs and checkpoints what it uses."""
+    return replace(args, **dict(zip(("penalty", "reward_scale"), reward_shaping(args))))
+
 # %% checkpoint
-CHECKPOINT_FORMAT = 4  # the version of checkpoint.pt and day.pt as written here: a new model or content, a new one
+CHECKPOINT_FORMAT = 5  # the version of checkpoint.pt and day.pt as written here: a new model or content, a new one
 PREEMPTED = 75  # the exit status after SIGTERM or SIGUSR1 and its checkpoint: run the same command with --resume
+# The flags a night shares with the day checkpoint it starts from (the model, the levels and rewards of its real data,
+# the random states it goes on from, the final evaluation's levels), and those a resumed run may change (how it runs,
+# not what it computes); a night does not read DAY_ONLY.
+DAY_FIXED = ("env_id", "num_levels", "start_level", "num_envs", "penalty", "reward_scale", "categoricals", "classes",
+             "rnn_units", "cnn_depth", "mlp_units", "mlp_layers", "bins", "bins_extreme", "seed", "final_episodes")
+RESUMABLE = ("cuda", "bf16", "track", "wandb_project_name", "wandb_entity", "run_dir", "resume", "checkpoint_every",
+             "eval_overlap", "capture_video", "video_every")
+DAY_ONLY = ("seed_episodes", "day_epochs", "wm_updates", "day_steps", "wm_batch_size", "seq_len", "reward_seq_fraction",
+            "free_nats", "beta_dyn", "beta_rep", "wm_grad_clip", "day_lr", "day_gamma")
+
+
+@dataclass
+class Position:
+    """Where a run is: its phase, the last epoch done in it, the x-axis step, the last test return, and the day's
+    final evaluation (`day_final`, what a night's final is compared with)."""
+    phase: str = "day"
+    epoch: int = 0
+    step: int = 0
+    test_return: Optional[float] = None
+    day_final: Optional[dict] = None
+
+    def __str__(self):
+        return f"{self.phase} epoch {self.epoch}"
 
 
 class Generators:
@@ -1071,21 +1057,19 @@ def stateful(wm, agent, wm_optimizer, agent_optimizer, return_scale):
                 return_scale=return_scale, rng=Generators())
 
 
-def run_state(objects, args, progress, loop=None):
-    """What a run needs to go on from the end of an epoch but the real data (on disk already): the state of each of
-    `objects`, the arguments, the progress (phase, epoch, step, test return, replay size), the day's `loop`."""
-    return dict(format=CHECKPOINT_FORMAT, args=asdict(args), progress=progress, loop=loop,
-                **{name: x.state_dict() if hasattr(x, "state_dict") else dict(vars(x)) for name, x in objects.items()})
+def run_state(objects, args, pos, replay_size, acting=None):
+    """What a run goes on from at the end of an epoch: the state of each of `objects`, the arguments, its position,
+    the size of the real data (on disk already) and the day's `acting` state."""
+    return dict(format=CHECKPOINT_FORMAT, args=asdict(args), position=asdict(pos), replay_size=replay_size,
+                acting=acting, **{k: x.state_dict() if hasattr(x, "state_dict") else vars(x) for k, x in objects.items()})
 
 
 def restore(ckpt, objects, dataset, replay=None):
-    """Load a checkpoint into `objects` (and the real data it counts from the directory `replay`, when given);
-    returns its progress."""
+    """Load a checkpoint into `objects` (and the real data it counts from the directory `replay`, when given)."""
     for name, x in objects.items():
         x.load_state_dict(ckpt[name]) if hasattr(x, "load_state_dict") else vars(x).update(ckpt[name])
     if replay is not None:
-        load_steps(dataset, replay, ckpt["progress"]["replay_size"])
-    return ckpt["progress"]
+        load_steps(dataset, replay, ckpt["replay_size"])
 
 
 def atomic_save(obj, path):
@@ -1096,8 +1080,6 @@ def atomic_save(obj, path):
     finally:
         if os.path.exists(f"{path}.tmp"):
             os.remove(f"{path}.tmp")
-
-
 def save_new_steps(dataset, directory):
     """Write the steps added to `dataset` since the last call to `directory`, one chunk named by its first step: the
     real data reach the disk once per day epoch, and a checkpoint only counts them."""
@@ -1120,61 +1102,6 @@ def load_steps(dataset, directory, size):
             for key in dataset.KEYS:
                 dataset.data[key][:, start:end] = chunk[key][:, : end - start].numpy()
     dataset.size = dataset.saved = size
-
-
-class Checkpoints:
-    """The run's checkpoint.pt at epoch ends: every --checkpoint-every epochs, at the end of each phase and after
-    SIGTERM or SIGUSR1 (then exit PREEMPTED); replay/ by day; day.pt with --save-day."""
-
-    def __init__(self, run_dir, args, objects, dataset):
-        self.run_dir, self.args, self.objects, self.dataset = run_dir, args, objects, dataset
-        self.latest = None  # "day epoch k/E_d" of the last checkpoint written by this process
-        self.signal, self.next_epoch = None, None  # the stop signal received; the epoch under way, in words
-
-    def __call__(self, phase, epoch, epochs, step, test_return, loop=lambda: None):
-        """The end of `phase` epoch `epoch` of `epochs`, at x-axis `step`; `test_return()` waits for its test return
-        (a checkpoint follows everything logged up to its step), `loop()` gives the day's acting state."""
-        self.next_epoch = epoch_after(self.args, phase, epoch)
-        if phase == "day":
-            save_new_steps(self.dataset, os.path.join(self.run_dir, "replay"))
-        every = self.args.checkpoint_every
-        if not (epoch == epochs or (every and epoch % every == 0) or self.signal):
-            return
-        progress = dict(phase=phase, epoch=epoch, step=step, test_return=test_return(), replay_size=self.dataset.size)
-        state = run_state(self.objects, self.args, progress, loop())
-        atomic_save(state, os.path.join(self.run_dir, "checkpoint.pt"))
-        self.latest = f"{phase} epoch {epoch}/{epochs}"
-        if phase == "day" and epoch == epochs and self.args.save_day:
-            atomic_save(state, os.path.join(self.run_dir, "day.pt"))
-            print(f"day checkpoint: {os.path.join(self.run_dir, 'day.pt')}", flush=True)
-        if self.signal:
-            print(f"{self.signal}: stopped after {phase} epoch {epoch}/{epochs} with its checkpoint; run the same "
-                  f"command with --resume to continue", file=sys.stderr, flush=True)
-            raise SystemExit(PREEMPTED)
-
-    def on_stop_signal(self, signum, frame):
-        """SIGTERM or SIGUSR1 (a preemption, scancel, a shutdown): checkpoint at the end of this epoch, then exit
-        PREEMPTED. A second signal ends the run at once (its last checkpoint stays)."""
-        self.signal = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL)
-        print(f"{self.signal}: the run stops at the end of {self.next_epoch}, with a checkpoint", file=sys.stderr,
-              flush=True)
-
-    def interrupted(self):
-        """The line for Ctrl-C: what the run has saved, and the command that continues it."""
-        if self.latest is None:  # a checkpoint is written whole or not at all (`atomic_save`)
-            return f"interrupted: no checkpoint saved yet; the TensorBoard events so far are in {self.run_dir}"
-        argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
-        argv += [] if any(a.split("=")[0] == "--run-dir" for a in argv) else ["--run-dir", self.run_dir]
-        return (f"interrupted: the checkpoint of {self.latest} is {os.path.join(self.run_dir, 'checkpoint.pt')}; "
-                f"continue with: {shlex.join(['python', sys.argv[0], *argv])}")
-
-
-def epoch_after(args, phase, epoch):
-    """'day epoch k/E_d' or 'night epoch k/E_n': the epoch that follows `phase` epoch `epoch`."""
-    if phase == "day" and epoch == args.day_epochs:
-        phase, epoch = "night", 0
-    return f"{phase} epoch {epoch + 1}/{args.day_epochs if phase == 'day' else args.night_epochs}"
 
 
 def check_finite(losses, what, phase, epoch):
@@ -1207,10 +1134,10 @@ def day_replay(args):
 
 def read_checkpoint(path, args, flag):
     """Read a checkpoint for `flag`, --resume or --day-checkpoint, refusing one made with other settings: for a
-    resume any but the Resumable flags, for a night the DayFixed flags and the reward shaping."""
+    resume any but the RESUMABLE flags, for a night the DAY_FIXED flags."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        saved, phase = ckpt["args"], ckpt["progress"]["phase"]
+        saved = ckpt["args"]
     except Exception:  # a file cut short, damaged, or not a checkpoint
         fail(flag, f"{path!r} cannot be read as a checkpoint (damaged or cut short); remove it to start the run again"
              if flag == "--resume" else f"{path!r} is not a checkpoint of these scripts; give the day.pt that a day "
@@ -1218,16 +1145,11 @@ def read_checkpoint(path, args, flag):
     if ckpt.get("format") != CHECKPOINT_FORMAT:
         fail(flag, f"{path!r} was written by an older version of these scripts; "
                    + ("start the run again" if flag == "--resume" else "make it again with --save-day"))
-    if flag == "--day-checkpoint" and phase != "day":
+    if flag == "--day-checkpoint" and ckpt["position"]["phase"] != "day":
         fail(flag, f"{path!r} was taken during a night; a night starts from a day's checkpoint (day.pt)")
-    names = marked(type(args), "day") if flag == "--day-checkpoint" else \
-        [f.name for f in fields(args) if f.name not in marked(type(args), "resumable")]
+    names = DAY_FIXED if flag == "--day-checkpoint" else [f.name for f in fields(args) if f.name not in RESUMABLE]
     wrong = [f"--{k.replace('_', '-')} {saved.get(k)!r} (here {getattr(args, k)!r})"
              for k in names if saved.get(k) != getattr(args, k)]
-    if flag == "--day-checkpoint":
-        shaping = reward_shaping(replace(args, **{k: saved.get(k) for k in ("env_id", "penalty", "reward_scale")}))
-        wrong += [f"{name} {was} (here {now})" for name, was, now in
-                  zip(("--penalty", "--reward-scale"), shaping, reward_shaping(args)) if was != now]
     if wrong:
         fail(flag, f"{path!r} was made with other settings; run with: " + ", ".join(wrong))
     if flag == "--day-checkpoint" and needs_replay(args) and not os.path.isdir(day_replay(args)):
@@ -1236,25 +1158,24 @@ def read_checkpoint(path, args, flag):
     return ckpt
 
 # %% logging
-class Stopwatch:
-    """The seconds of each part of an epoch (listed in the order of `parts`, then as they come): `lap(part)` ends a
-    part; `with part(name)` times a part nested in the current one, which leaves it out."""
+class Stopwatch(dict):
+    """The seconds of each part of an epoch: `with clock(part)` times a part, less the parts timed inside it."""
 
-    def __init__(self, *parts):
-        self.parts, self.last, self.nested = dict.fromkeys(parts, 0.0), time.time(), 0.0
-
-    def lap(self, name):
-        now = time.time()
-        self.parts[name] = self.parts.get(name, 0.0) + now - self.last - self.nested
-        self.last, self.nested = now, 0.0
+    def __init__(self):
+        super().__init__()
+        self.inner = []  # the seconds of the parts timed inside each part under way
 
     @contextlib.contextmanager
-    def part(self, name):
-        start = time.time()
-        yield
-        seconds = time.time() - start
-        self.parts[name] = self.parts.get(name, 0.0) + seconds
-        self.nested += seconds
+    def __call__(self, part):
+        start, _ = time.time(), self.setdefault(part, 0.0)  # the parts listed in the order they start
+        self.inner.append(0.0)
+        try:
+            yield
+        finally:
+            seconds = time.time() - start
+            self[part] += seconds - self.inner.pop()
+            if self.inner:
+                self.inner[-1] += seconds
 
 
 def precision(args, device):
@@ -1264,15 +1185,20 @@ def precision(args, device):
     return "fp32" + ("" if not args.bf16 else " (this CPU has no native bf16; emulated, it would be slower)")
 
 
-class Logger:
-    """TensorBoard scalars and a line of progress per epoch in the terminal."""
+class Run:
+    """The harness as the loops see it: the run's position, each epoch's clock, TensorBoard (mirrored to W&B), the
+    epoch's line with its ETA, the evaluation, and checkpoint.pt (every --checkpoint-every epochs, at each phase's
+    end, and after SIGTERM or SIGUSR1, then exit PREEMPTED); replay/ by day; day.pt with --save-day."""
 
-    def __init__(self, run_dir, args, total_epochs, resumed=None, device=torch.device("cpu")):
-        """`resumed`: the progress of the checkpoint the run goes on from; what the run logged after it is purged
-        (TensorBoard's purge_step), so that the curves go on without a repeated or out-of-order point."""
-        penalty, reward_scale = reward_shaping(args)
-        params = dict(vars(args), penalty=penalty, reward_scale=reward_scale, run_dir=run_dir,  # what the run uses
-                      cuda=device.type == "cuda", device=str(device), precision=precision(args, device))
+    def __init__(self, run_dir, args, objects, dataset, envs, device, pos, acting=None, resumed=False):
+        """From `pos` (and the day's `acting` state) of a checkpoint: a resumed run's own (what it logged after it is
+        purged, TensorBoard's purge_step, so that the curves go on without a repeated point) or a night's day.pt."""
+        self.run_dir, self.args, self.objects, self.dataset, self.envs = run_dir, args, objects, dataset, envs
+        self.pos, self.acting = pos, acting and DayState(**acting)
+        self.latest = f"{pos}" if resumed else None  # the last checkpoint written (or resumed from), in words
+        self.signal, self.in_epoch, self.clock, self.epoch_start = None, False, Stopwatch(), 0
+        params = dict(vars(args), run_dir=run_dir, cuda=device.type == "cuda", device=str(device),
+                      precision=precision(args, device))
         if args.track:
             import wandb
 
@@ -1284,50 +1210,115 @@ class Logger:
                        config=params, name=os.path.basename(run_dir), save_code=True, id=open(id_file).read(),
                        resume="allow")
         # --resume without a checkpoint starts again: whatever a killed first start logged goes (from step 0 on).
-        purge = None if not args.resume else resumed["step"] + 1 if resumed else 0
-        self.writer = SummaryWriter(run_dir, purge_step=purge)
-        if resumed is None:
+        self.writer = SummaryWriter(run_dir, purge_step=(self.pos.step + 1 if resumed else 0) if args.resume else None)
+        if not resumed:
             self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
                 f"|{k}|{v}|" for k, v in params.items()))
-        self.start, self.total_epochs = time.time(), total_epochs
-        self.epochs_done = 0 if resumed is None else resumed["epochs_done"]
-        self.last, self.seconds = self.start, {}  # the time of the last line; each phase's epoch durations
-        self.phase_seconds = {}  # {phase: {part: seconds}}, from `times`
+        self.evaluation = Evaluator(args, device, self)
+        self.start = self.last = time.time()
+        self.seconds, self.totals = {}, {}  # each phase's epoch durations (for the ETA) and seconds by part
+
+    def last_epoch(self, phase):
+        return self.args.day_epochs if phase == "day" else self.args.night_epochs
+
+    def epochs(self, phase):
+        """The epochs of `phase` still to run (after a resumed position's), each timed by a new clock."""
+        if self.pos.phase != phase:
+            self.pos.phase, self.pos.epoch = phase, 0
+        for self.pos.epoch in range(self.pos.epoch + 1, self.last_epoch(phase) + 1):
+            self.clock, self.epoch_start, self.in_epoch = Stopwatch(), self.pos.step, True
+            yield self.pos.epoch
+
+    def end_epoch(self, text, acting=None, **scalars):
+        """An epoch's end: its scalars and SPS, its evaluation (line "test {return} {text} SPS {sps}"), its time/*,
+        at the phase's end the final evaluation, then the checkpoint (with the day's `acting` state)."""
+        pos, clock, last = self.pos, self.clock, self.pos.epoch == self.last_epoch(self.pos.phase)
+        check_finite(scalars["losses"], "agent", pos.phase, pos.epoch)
+        # Steps a second of acting or dreaming and of PPO (by day without the world model's updates).
+        sps = (pos.step - self.epoch_start) / sum(v for k, v in clock.items() if k not in ("world_model", "diagnostics"))
+        for family, values in dict(scalars, charts=dict(scalars.get("charts", {}), SPS=sps)).items():
+            self.scalars(family, values, pos.step)
+        with clock("evaluation"):
+            self.evaluation.start(self.objects["world_model"], self.objects["agent"], f"{text} SPS {sps:.0f}")
+        self.scalars("time", clock, pos.step)
+        if torch.cuda.is_initialized():
+            self.writer.add_scalar("time/peak_gpu_mem_gb", torch.cuda.max_memory_allocated() / 2**30, pos.step)
+        totals = self.totals.setdefault(pos.phase, {})
+        for key, value in clock.items():
+            totals[key] = totals.get(key, 0.0) + value
+        if last:
+            self.evaluation.finish()
+            final = final_evaluation(self.objects["world_model"], self.objects["agent"], self.args,
+                                     self.evaluation.device, self, pos.phase, pos.step)
+            pos.day_final = final if pos.phase == "day" else pos.day_final
+        self.checkpoint(acting)
+        self.in_epoch = False
+
+    def checkpoint(self, acting=None):
+        """checkpoint.pt (and day.pt) at the end of an epoch when one is due; the real data added by day (replay/)."""
+        pos, every, last = self.pos, self.args.checkpoint_every, self.pos.epoch == self.last_epoch(self.pos.phase)
+        if pos.phase == "day":
+            save_new_steps(self.dataset, os.path.join(self.run_dir, "replay"))
+        if not (last or (every and pos.epoch % every == 0) or self.signal):
+            return
+        self.evaluation.finish()  # a checkpoint follows everything logged up to its step
+        if acting is not None:
+            acting.envs_state = self.envs.env.get_state()
+        state = run_state(self.objects, self.args, pos, self.dataset.size, acting and dict(vars(acting)))
+        atomic_save(state, os.path.join(self.run_dir, "checkpoint.pt"))
+        self.latest = f"{pos}/{self.last_epoch(pos.phase)}"
+        if pos.phase == "day" and last and self.args.save_day:
+            atomic_save(state, os.path.join(self.run_dir, "day.pt"))
+            print(f"day checkpoint: {os.path.join(self.run_dir, 'day.pt')}", flush=True)
+        if self.signal:
+            print(f"{self.signal}: stopped after {self.latest} with its checkpoint; run the same command with --resume "
+                  f"to continue", file=sys.stderr, flush=True)
+            raise SystemExit(PREEMPTED)
+
+    def on_stop_signal(self, signum, frame):
+        """SIGTERM or SIGUSR1 (a preemption, scancel, a shutdown): checkpoint at the end of this epoch, then exit
+        PREEMPTED. A second signal ends the run at once (its last checkpoint stays)."""
+        self.signal = signal.Signals(signum).name
+        signal.signal(signum, signal.SIG_DFL)
+        phase, epoch = self.pos.phase, self.pos.epoch + (not self.in_epoch)  # the epoch under way, or the next
+        if phase == "day" and epoch > self.args.day_epochs:
+            phase, epoch = "night", 1
+        print(f"{self.signal}: the run stops at the end of {phase} epoch {epoch}/{self.last_epoch(phase)}, with a "
+              f"checkpoint", file=sys.stderr, flush=True)
+
+    def interrupted(self):
+        """The line for Ctrl-C: what the run has saved, and the command that continues it."""
+        if self.latest is None:  # a checkpoint is written whole or not at all (`atomic_save`)
+            return f"interrupted: no checkpoint saved yet; the TensorBoard events so far are in {self.run_dir}"
+        argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume"])
+        argv += [] if any(a.split("=")[0] == "--run-dir" for a in argv) else ["--run-dir", self.run_dir]
+        return (f"interrupted: the checkpoint of {self.latest} is {os.path.join(self.run_dir, 'checkpoint.pt')}; "
+                f"continue with: {shlex.join(['python', sys.argv[0], *argv])}")
 
     def scalars(self, family, values, step):
         for key, value in values.items():
             self.writer.add_scalar(f"{family}/{key}", value, step)
 
-    def times(self, phase, seconds, step):
-        """An epoch's seconds in each part of it as time/* (with the peak GPU memory on CUDA), summed per phase."""
-        self.scalars("time", seconds, step)
-        if torch.cuda.is_initialized():
-            self.writer.add_scalar("time/peak_gpu_mem_gb", torch.cuda.max_memory_allocated() / 2**30, step)
-        totals = self.phase_seconds.setdefault(phase, {})
-        for key, value in seconds.items():
-            totals[key] = totals.get(key, 0.0) + value
-
-    def time_summary(self):
-        """The run's last line: the seconds spent in each part of each phase, and the run's minutes."""
-        parts = [f"{phase}: " + ", ".join(f"{key} {value:.1f}" for key, value in totals.items())
-                 for phase, totals in self.phase_seconds.items()]
-        return f"time by phase (s): {'; '.join(parts)}; total {(time.time() - self.start) / 60:.1f} min"
-
-    def progress(self, phase, epoch, epochs, step, text):
+    def progress(self, phase, epoch, step, text):
         """Print an epoch's line, with the time left in this phase from this phase's own mean epoch (without its
         first epoch once there are others: the first carries the seed episodes, a checkpoint, the warm-up)."""
-        now = time.time()
+        now, epochs = time.time(), self.last_epoch(phase)
         seconds = self.seconds.setdefault(phase, [])
         seconds.append(now - self.last)
         self.last = now
-        self.epochs_done += 1
         timed = seconds[1:] or seconds
         left = sum(timed) / len(timed) * (epochs - epoch)
-        later = self.total_epochs - self.epochs_done - (epochs - epoch)  # the epochs of the phases to come
+        later = self.args.night_epochs if phase == "day" else 0  # the night epochs to come
         eta = (f"about {left / 60:.1f} min left in the {phase}, then {later} night epochs (not timed yet)" if later
                else f"about {left / 60:.1f} min left")
         print(f"[{phase} {epoch}/{epochs}] step {step:,} {text} | {(now - self.start) / 60:.1f} min, {eta}",
               flush=True)
+
+    def time_summary(self):
+        """The run's last line: the seconds spent in each part of each phase, and the run's minutes."""
+        parts = [f"{phase}: " + ", ".join(f"{key} {value:.1f}" for key, value in totals.items())
+                 for phase, totals in self.totals.items()]
+        return f"time by phase (s): {'; '.join(parts)}; total {(time.time() - self.start) / 60:.1f} min"
 
 
 # %% evaluation
@@ -1393,69 +1384,72 @@ class Evaluator:
     """Each epoch's `evaluate`, logged as charts/* with the epoch's line; with --eval-overlap in a daemon thread (not an
     executor's: Ctrl-C and SIGTERM need not wait for it) on a copy of the epoch's weights while the next epoch trains."""
 
-    def __init__(self, wm, agent, args, device, log, test_return=None):
-        self.args, self.device, self.log = args, device, log
-        self.pending = None  # (thread, its result, what to log with it)
-        self.test_return = test_return  # the last one logged (before the first: a resumed run's, given)
-        if args.eval_overlap:
-            self.wm, self.agent = (copy.deepcopy(m).requires_grad_(False) for m in (wm, agent))
-            self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    def __init__(self, args, device, run):
+        self.args, self.device, self.run = args, device, run
+        self.pending, self.copies = None, None  # (the evaluation's Future, its epoch); the copies of the weights
+        self.stream = torch.cuda.Stream(device) if args.eval_overlap and device.type == "cuda" else None
 
-    def start(self, wm, agent, phase, epoch, epochs, step, text):
-        """Evaluate `phase` epoch `epoch` of `epochs`, ended at `step`; its line is "test {return} {text}"."""
+    def start(self, wm, agent, text):
+        """Evaluate the weights at the run's position; its line is "test {return} {text}"."""
         self.finish()
-        film = Film.every(self.args, self.log, phase, epoch, epochs, step)
+        pos = self.run.pos
+        epoch = (pos.phase, pos.epoch, pos.step, text)
+        film = Film.every(self.args, self.run, pos.phase, pos.epoch, self.run.last_epoch(pos.phase), pos.step)
         if not self.args.eval_overlap:
-            return self.log_returns(evaluate(wm, agent, self.args, step, self.device, film=film), phase, epoch, epochs,
-                                    step, text)
-        self.wm.load_state_dict(wm.state_dict())  # the weights of this epoch's end, which training goes on from
-        self.agent.load_state_dict(agent.state_dict())
+            return self.log_returns(evaluate(wm, agent, self.args, pos.step, self.device, film=film), *epoch)
+        if self.copies is None:
+            self.copies = [copy.deepcopy(m).requires_grad_(False) for m in (wm, agent)]
+        for model, copied in zip((wm, agent), self.copies):
+            copied.load_state_dict(model.state_dict())  # the weights of this epoch's end, which training goes on from
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the copies are made before it reads
-        result = {}
-        thread = threading.Thread(target=self.run, args=(step, result, film), daemon=True)
-        thread.start()
-        self.pending = thread, result, (phase, epoch, epochs, step, text)
+        future = concurrent.futures.Future()
+        threading.Thread(target=self.background, args=(future, pos.step, film), daemon=True).start()
+        self.pending = future, epoch
 
-    def run(self, step, result, film=None):
-        """The background thread: `evaluate` on the copies; its returns (or its exception) and seconds in `result`."""
+    def background(self, future, step, film):
+        """The background thread: `evaluate` on the copies; its returns and seconds (or its exception) in `future`."""
         start = time.time()
         try:
             with torch.cuda.stream(self.stream):  # a no-op without a stream (CPU)
-                result["returns"] = evaluate(self.wm, self.agent, self.args, step, self.device, film=film)
+                returns = evaluate(*self.copies, self.args, step, self.device, film=film)
             if self.stream is not None:
                 self.stream.synchronize()
-        except BaseException as e:  # re-raised in the main thread by `finish`
-            result["error"] = e
-        result["seconds"] = time.time() - start
+            future.set_result((returns, time.time() - start))
+        except BaseException as e:  # raised in the main thread by `finish`
+            future.set_exception(e)
 
     def finish(self):
         """Wait for the evaluation under way (if any) and log it; returns the last test return logged."""
         if self.pending is not None:
-            (thread, result, epoch), self.pending = self.pending, None
-            thread.join()
-            if "error" in result:
-                raise result["error"]
-            self.log_returns(result["returns"], *epoch)
-            self.log.scalars("time", dict(evaluation_background=result["seconds"]), epoch[3])
-        return self.test_return
+            (future, epoch), self.pending = self.pending, None
+            returns, seconds = future.result()
+            self.log_returns(returns, *epoch)
+            self.run.scalars("time", dict(evaluation_background=seconds), epoch[2])
+        return self.run.pos.test_return
 
-    def log_returns(self, returns, phase, epoch, epochs, step, text):
-        self.test_return = returns["test_return"]
-        self.log.scalars("charts", returns, step)
-        self.log.progress(phase, epoch, epochs, step, f"test {self.test_return:.2f} {text}")
+    def log_returns(self, returns, phase, epoch, step, text):
+        self.run.pos.test_return = returns["test_return"]
+        self.run.scalars("charts", returns, step)
+        self.run.progress(phase, epoch, step, f"test {returns['test_return']:.2f} {text}")
 
 
 def final_evaluation(wm, agent, args, device, log, phase, step):
     """The phase's end measured precisely (not in the paper): --final-episodes of each kind on levels drawn from the
-    seed alone, the same for a day and its nights; final/* at the phase's last step, and a line."""
+    seed alone, the same for a day and its nights; final/* at the phase's last step, and a line. Returns them."""
     if args.final_episodes:
         start = time.time()
         returns = evaluate(wm, agent, args, -1, device, episodes=args.final_episodes)
         log.scalars("final", returns, step)
         print(f"final evaluation of the {phase} ({args.final_episodes} episodes each, {time.time() - start:.0f} s): "
-              + ", ".join(f"{name.removesuffix('_return').replace('_', ' ')} {returns[name]:.2f} ± "
-                          f"{returns[name + '_se']:.2f}" for name in returns if not name.endswith("_se")), flush=True)
+              f"{described(returns)}", flush=True)
+        return returns
+
+
+def described(returns):
+    """Returns with their standard errors, in words: "test 2.50 ± 0.99, train levels 3.00 ± 0.80"."""
+    return ", ".join(f"{name.removesuffix('_return').replace('_', ' ')} {returns[name]:.2f} ± {returns[name + '_se']:.2f}"
+                     for name in returns if not name.endswith("_se"))
 
 
 # %% diagnostics
@@ -1518,14 +1512,17 @@ def open_loop(wm, dataset, start, args, device, log, step, epoch):
 
 
 # %% dream images
-def log_dream_images(wm, agent, states, args, writer, step, n=4):
-    """Figure 2 for one's own runs: n dream states (rows) decoded before (left) and after (right) a forced transform,
-    drawn from a generator of their own (the run's draws stay as they are)."""
-    generator = torch.Generator(states.device).manual_seed(args.seed * 1_000_003 + step)
-    images = before_after(wm, agent, states[torch.randint(len(states), (n,), device=states.device,
-                                                          generator=generator)], args, generator)
-    writer.add_image("dream/before_after", torch.cat([torch.cat(list(images[:n]), 1),
-                                                      torch.cat(list(images[n:]), 1)], 2), step)
+def log_dream_images(wm, agent, states, args, log, step, epoch, n=4):
+    """Figure 2 for one's own runs, every --dream-images-every epochs: n of the dream states (time-first) decoded
+    before (left) and after (right) a forced transform, drawn from a generator of their own (the run's draws stay)."""
+    if args.dream_images_every and (epoch - 1) % args.dream_images_every == 0:
+        flat = states.flatten(0, 1)
+        generator = torch.Generator(states.device).manual_seed(args.seed * 1_000_003 + step)
+        images = before_after(wm, agent, flat[torch.randint(len(flat), (n,), device=states.device,
+                                                            generator=generator)], args, generator)
+        log.writer.add_image("dream/before_after", torch.cat([torch.cat(list(images[:n]), 1),
+                                                              torch.cat(list(images[n:]), 1)], 2), step)
+        log_dream_video(wm, agent, states, args, log, step)
 
 
 def before_after(wm, agent, s, args, generator):
@@ -1633,10 +1630,17 @@ def claim_run_dir(args):
 
 def main(args):
     check_args(args)
+    args = resolved(args)
     day_ckpt = read_checkpoint(args.day_checkpoint, args, "--day-checkpoint") if args.day_checkpoint else None
     run_dir, lock = claim_run_dir(args)
     last = os.path.join(run_dir, "checkpoint.pt")
     resumed = read_checkpoint(last, args, "--resume") if args.resume and os.path.exists(last) else None
+    ckpt = resumed or day_ckpt
+    pos = Position(**ckpt["position"]) if ckpt else Position()
+    if resumed and (pos.epoch == args.night_epochs if pos.phase == "night" else
+                    pos.epoch == args.day_epochs and not args.night_epochs):
+        print(f"{run_dir}: the run is finished (its last checkpoint is the end of the {pos.phase}); nothing to do")
+        return end_run(args, run_dir, lock)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1652,63 +1656,46 @@ def main(args):
     return_scale = ReturnScale(args.return_scale_decay)
     dataset = ReplayDataset(args.num_envs, math.ceil((args.day_epochs * args.day_steps) / args.num_envs) + 1000)
     objects = stateful(wm, agent, wm_optimizer, agent_optimizer, return_scale)
-    checkpoint = Checkpoints(run_dir, args, objects, dataset)
-    progress = resumed["progress"] if resumed else dict(phase="night" if day_ckpt else "day", epoch=0, step=0)
-    phase, epoch = progress["phase"], progress["epoch"]
-    finished = epoch == args.night_epochs if phase == "night" else epoch == args.day_epochs and not args.night_epochs
-    if epoch and finished:
-        print(f"{run_dir}: the run is finished (its last checkpoint is the end of the {phase}); nothing to do")
-        return end_run(args, run_dir, lock, envs)
-    check_disk(run_dir, args, wm, agent, day_to_run=phase == "day")
-    state = None
-    if resumed:
-        replay = None  # the real data: this run's own, or a night-only run's day's, when the rest of the run needs them
-        if phase == "day" or needs_replay(args):
-            replay = day_replay(args) if args.day_checkpoint else os.path.join(run_dir, "replay")
-        restore(resumed, objects, dataset, replay)
-        if phase == "day":
-            state = DayState(**resumed["loop"], epoch=epoch, step=progress["step"], test_return=progress["test_return"])
-        resumed = day_ckpt = None  # the rest now lives in the run's objects
-        checkpoint.latest = f"{phase} epoch {epoch}"
-    checkpoint.next_epoch = epoch_after(args, phase, epoch)
-    total_epochs = args.night_epochs + (0 if args.day_checkpoint else args.day_epochs)
-    epochs_done = epoch + (args.day_epochs if phase == "night" and not args.day_checkpoint else 0)
-    log = Logger(run_dir, args, total_epochs, device=device,
-                 resumed=dict(step=progress["step"], epochs_done=epochs_done) if epoch else None)
+    day_to_run = pos.phase == "day" and not args.day_checkpoint
+    check_disk(run_dir, args, wm, agent, day_to_run)
+    run = Run(run_dir, args, objects, dataset, envs, device, pos, ckpt and ckpt["acting"], resumed is not None)
     day_text = f"night only, from {args.day_checkpoint}" if args.day_checkpoint else \
         f"{args.day_epochs} day epochs of {args.day_steps} real steps"
     night_text = f"{args.night_epochs} night epochs of {args.agent_batch_size * args.agent_updates} agent sequences " \
                  f"of {args.horizon} steps" if args.night_epochs else "no night"
     print(f"{run_dir} on {device} in {precision(args, device)}: {day_text}, {night_text}", flush=True)
-    if epoch:
-        print(f"resumed from the checkpoint of {phase} epoch {epoch} (step {progress['step']:,}, test return "
-              f"{progress['test_return']:.2f}): the epochs after it are redone", flush=True)
-    changed = [f"--{f.name.replace('_', '-')}" for f in fields(Hyperparameters)  # the paper runs every game
-               if f.name != "env_id" and getattr(args, f.name) != f.default]
+    if resumed:
+        print(f"resumed from the checkpoint of {pos} (step {pos.step:,}, test return {pos.test_return:.2f}): the "
+              f"epochs after it are redone", flush=True)
+    paper = resolved(Hyperparameters(env_id=args.env_id))  # the paper runs every game; a night reads its flags only
+    skip = DAY_ONLY + DAY_FIXED if args.day_checkpoint else ()
+    changed = [f"--{f.name.replace('_', '-')}" for f in fields(Hyperparameters)
+               if f.name not in skip and getattr(args, f.name) != getattr(paper, f.name)]
     if changed:
         print(f"not the paper's protocol ({' '.join(changed)} changed): the full run is every default, "
               f"`python {os.path.basename(__file__)} --env-id {args.env_id} --seed {args.seed}` (1M real steps "
               f"by day, about 1M dreamed by night; a GPU job)", flush=True)
 
-    handlers = {s: signal.signal(s, checkpoint.on_stop_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    handlers = {s: signal.signal(s, run.on_stop_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        if phase == "day":
-            progress = day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, log, device, checkpoint, state)
-            epoch = 0
-        elif day_ckpt is not None:  # a new night from a day checkpoint
-            progress = restore(day_ckpt, objects, dataset, day_replay(args) if needs_replay(args) else None)
-            day_ckpt = None  # the dataset now lives in `dataset`: free the checkpoint's copy
-            log.scalars("charts", dict(test_return=progress["test_return"]), progress["step"])
-            print(f"night from {args.day_checkpoint}: day ended at step {progress['step']:,} with test return "
-                  f"{progress['test_return']:.2f}", flush=True)
-        night(args, wm, agent, agent_optimizer, return_scale, dataset, log, device, progress["step"], checkpoint, epoch)
+        if ckpt:  # the real data: this run's own, or a night-only run's day's, when the rest of the run needs them
+            replay = day_replay(args) if args.day_checkpoint else os.path.join(run_dir, "replay")
+            restore(ckpt, objects, dataset, replay if day_to_run or needs_replay(args) else None)
+            ckpt = resumed = day_ckpt = None  # the rest now lives in the run's objects
+        if day_to_run:
+            day(args, wm, agent, wm_optimizer, agent_optimizer, return_scale, dataset, envs, device, run)
+        elif pos.phase == "day":  # a new night from a day checkpoint
+            run.scalars("charts", dict(test_return=pos.test_return), pos.step)
+            print(f"night from {args.day_checkpoint}: the day ended at step {pos.step:,}; its final evaluation: "
+                  f"{described(pos.day_final) if pos.day_final else 'none (--final-episodes 0)'}", flush=True)
+        night(args, wm, agent, agent_optimizer, return_scale, dataset, device, run)
     except KeyboardInterrupt:
-        log.writer.close()
+        run.writer.close()
         if args.track:
             import wandb
 
             wandb.finish(exit_code=130)
-        print(checkpoint.interrupted(), file=sys.stderr, flush=True)
+        print(run.interrupted(), file=sys.stderr, flush=True)
         sys.stdout.flush()
         # os._exit, not SystemExit: the interpreter's exit with the background evaluation's torch and ProcGen state
         # alive aborts the process one time in two (`terminate called without an active exception`, exit -6)
@@ -1716,15 +1703,15 @@ def main(args):
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    print(log.time_summary(), flush=True)
-    log.writer.close()
-    end_run(args, run_dir, lock, envs)
-
-
-def end_run(args, run_dir, lock, envs):
-    """Close the environments, drop what only a resume needed (the real data, unless --save-day keeps them for
-    nights) and free the run directory."""
+    print(run.time_summary(), flush=True)
+    run.writer.close()
     envs.close()
+    end_run(args, run_dir, lock)
+
+
+def end_run(args, run_dir, lock):
+    """Drop what only a resume needed (the real data, unless --save-day keeps them for nights) and free the run
+    directory."""
     if not args.save_day:
         shutil.rmtree(os.path.join(run_dir, "replay"), ignore_errors=True)
     os.remove(lock.name)

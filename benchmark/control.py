@@ -73,6 +73,7 @@ def main(args):
     if args.day_checkpoint is None or args.run_dir is None:
         dp.fail("--day-checkpoint" if args.day_checkpoint is None else "--run-dir", "the control needs it: it runs a "
                 "night from a day checkpoint into its own run directory")
+    args = dp.resolved(args)
     ckpt = dp.read_checkpoint(args.day_checkpoint, args, "--day-checkpoint")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     envs = dp.make_env(args.env_id, args.agent_batch_size * args.agent_updates, args.num_levels, args.seed,
@@ -90,10 +91,10 @@ def main(args):
     np.random.set_state(ckpt["rng"]["numpy"])  # the night's random numbers go on from the day's
     torch.set_rng_state(ckpt["rng"]["torch"])
     wm.requires_grad_(False)
-    step = ckpt["progress"]["step"]
+    step = ckpt["position"]["step"]
     os.makedirs(args.run_dir, exist_ok=True)
     writer = SummaryWriter(args.run_dir, purge_step=0)  # a control run again (10 minutes at the CPU sizes) starts over
-    writer.add_scalar("charts/test_return", ckpt["progress"]["test_return"], step)
+    writer.add_scalar("charts/test_return", ckpt["position"]["test_return"], step)
     real = RealDreams(envs, args, wm, device)
     print(f"{args.run_dir}: the perfect-model control from {args.day_checkpoint} (day ended at step {step:,}), "
           f"{args.night_epochs} epochs of {real.n} real trajectories of {args.horizon} steps", flush=True)

@@ -53,6 +53,19 @@ def make_optimizers(wm, agent, args):
     return torch.optim.Adam(wm.parameters(), lr=args.day_lr), dreamer_ppo.make_agent_optimizer(agent, args.day_lr)
 
 
+class RecordingRun(dreamer_ppo.Run):
+    """The harness of a run in `run_dir` (TensorBoard events, checkpoints) that also keeps every scalar it logs as
+    (tag, step, value) in `points`."""
+
+    def __init__(self, run_dir, args, objects=None, dataset=None, envs=None, pos=None, acting=None):
+        super().__init__(str(run_dir), args, objects or {}, dataset, envs, CPU, pos or dreamer_ppo.Position(), acting)
+        self.points = []
+
+    def scalars(self, family, values, step):
+        self.points += [(f"{family}/{k}", step, v) for k, v in values.items()]
+        super().scalars(family, values, step)
+
+
 def is_onehot(z, atol=1e-6):
     """Each categorical (last axis) holds one 1 and zeros elsewhere (within `atol`; 0 for exactly)."""
     ones = (z - 1).abs() <= atol

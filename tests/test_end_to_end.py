@@ -21,7 +21,8 @@ from conftest import SIZE_FLAGS, crafted_dataset, finish, make_models, make_opti
 
 
 def load_checkpoint(path, args):
-    return read_checkpoint(path, args, "--day-checkpoint")
+    """A night's read of a day.pt, with the arguments as the night resolves them."""
+    return read_checkpoint(path, dreamer_ppo.resolved(args), "--day-checkpoint")
 
 
 # %% bad input
@@ -87,14 +88,14 @@ def trained_state(args, seed):
     return wm, agent, wm_opt, agent_opt, scale
 
 
-def save_day(path, state, args, dataset=None, **progress):
+def save_day(path, state, args, dataset=None, step=0, test_return=0.0):
     """What the end of a day writes with --save-day: day.pt from `state` (models, optimizers, P), the replay
     beside it."""
     if dataset is not None:
         save_new_steps(dataset, path.parent / "replay")
-    progress = {**dict(phase="day", epoch=args.day_epochs, step=0, test_return=0.0,
-                       replay_size=0 if dataset is None else dataset.size), **progress}
-    atomic_save(run_state(stateful(*state), args, progress), path)
+    pos = dreamer_ppo.Position("day", args.day_epochs, step, test_return)
+    atomic_save(run_state(stateful(*state), dreamer_ppo.resolved(args), pos, 0 if dataset is None else dataset.size),
+                path)
 
 
 def outputs(wm, agent, args):
@@ -125,11 +126,11 @@ def test_checkpoint_round_trip(tmp_path):
     assert not torch.allclose(before["prior"], expected["prior"])
     assert scale2.value != scale.value
     torch.manual_seed(0)  # another RNG state than at saving
-    progress = restore(load_checkpoint(str(path), args), stateful(wm2, agent2, wm_opt2, agent_opt2, scale2), dataset2,
-                       path.parent / "replay")
+    ckpt = load_checkpoint(str(path), args)
+    restore(ckpt, stateful(wm2, agent2, wm_opt2, agent_opt2, scale2), dataset2, path.parent / "replay")
     after_rng = (torch.rand(3), np.random.rand(3), random.random())
 
-    assert progress == dict(phase="day", epoch=args.day_epochs, step=345, test_return=2.5, replay_size=30)
+    assert ckpt["position"] == dict(phase="day", epoch=args.day_epochs, step=345, test_return=2.5, day_final=None)
     assert torch.equal(after_rng[0], expected_rng[0])
     assert np.array_equal(after_rng[1], expected_rng[1]) and after_rng[2] == expected_rng[2]
     after = outputs(wm2, agent2, args)
@@ -190,7 +191,7 @@ def test_load_checkpoint_refuses_other_settings(tmp_path, changes, flag):
     assert "--day-checkpoint" in message and flag in message
     # a checkpoint with the same sizes and shaping loads (other flags may differ; a flag that gives the value the
     # day resolved is the same shaping)
-    assert load_checkpoint(str(path), tiny_args(night_epochs=7, horizon=3, penalty=-10.0))["progress"]["step"] == 1
+    assert load_checkpoint(str(path), tiny_args(night_epochs=7, horizon=3, penalty=-10.0))["position"]["step"] == 1
 
 
 def test_load_checkpoint_refuses_other_files(tmp_path):
@@ -205,7 +206,7 @@ def test_load_checkpoint_refuses_other_files(tmp_path):
 
 # The model each checkpoint format holds: its modules (LayerNorm's epsilon included) and its tensors' shapes, at
 # tiny sizes. A change of either, without a new format, would load an older checkpoint into another model.
-MODELS = {2: "0588abe728cd3b95", 3: "1b0aab299a8a480a", 4: "1b0aab299a8a480a"}
+MODELS = {2: "0588abe728cd3b95", 3: "1b0aab299a8a480a", 4: "1b0aab299a8a480a", 5: "1b0aab299a8a480a"}
 
 
 def test_the_checkpoint_format_names_the_model():
@@ -218,7 +219,7 @@ def test_the_checkpoint_format_names_the_model():
 
 
 @pytest.mark.parametrize("change, words", [
-    (dict(progress=dict(phase="night", epoch=1, step=9, test_return=0.0, replay_size=0)), ["during a night", "day.pt"]),
+    (dict(position=dict(phase="night", epoch=1, step=9, test_return=0.0, day_final=None)), ["during a night", "day.pt"]),
     (dict(format=dreamer_ppo.CHECKPOINT_FORMAT - 1), ["older version", "--save-day"]),
 ])
 def test_load_checkpoint_refuses_a_night_or_an_old_checkpoint(tmp_path, change, words):
@@ -316,11 +317,11 @@ def test_day_and_night_run(day_runs, init):
     ckpt = torch.load(run["run_dir"] / "day.pt", weights_only=False)
     assert {"world_model", "agent", "args", "rng"} <= set(ckpt) and "dataset" not in ckpt
     assert ckpt["args"]["init_states"] == init and ckpt["args"]["categoricals"] == 4
-    assert ckpt["progress"]["step"] == day_end
-    assert ckpt["progress"]["test_return"] == pytest.approx(test_return[DAY_EPOCHS - 1][1])
+    assert ckpt["position"]["step"] == day_end
+    assert ckpt["position"]["test_return"] == pytest.approx(test_return[DAY_EPOCHS - 1][1])
     # the replay beside it holds the seed episodes and every day step of the 5 environments, a chunk per day epoch
     replay = ReplayDataset(5, 1)
-    load_steps(replay, run["run_dir"] / "replay", ckpt["progress"]["replay_size"])
+    load_steps(replay, run["run_dir"] / "replay", ckpt["replay_size"])
     seed_steps = int(next(line for line in run["out"].splitlines() if "seed episodes" in line).split()[0].replace(",", ""))
     assert seed_steps > 0 and replay.size * 5 == seed_steps + day_end
     assert len(list((run["run_dir"] / "replay").iterdir())) == DAY_EPOCHS

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dreamer_ppo
-from conftest import CPU, NUM_ACTIONS, make_models, make_optimizers, tiny_args
+from conftest import CPU, NUM_ACTIONS, RecordingRun, make_models, make_optimizers, tiny_args
 
 
 
@@ -20,6 +20,7 @@ class StampedEnv:
     def __init__(self, num_envs, length, tag):
         self.num_envs, self.length, self.tag, self.t = num_envs, length, tag, 0
         self.action_space = SimpleNamespace(n=NUM_ACTIONS)
+        self.env = SimpleNamespace(get_state=lambda: None)  # what a checkpoint keeps of ProcGen's own state
 
     def observe(self):
         frame = np.zeros((self.num_envs, 64, 64, 3), np.uint8)
@@ -58,14 +59,8 @@ class RecordingLog:
     def scalars(self, family, values, step):
         self.points += [(f"{family}/{k}", step, v) for k, v in values.items()]
 
-    def times(self, phase, seconds, step):
-        self.scalars("time", seconds, step)
 
-    def progress(self, *args):
-        pass
-
-
-def test_day_filters_every_real_frame_once(monkeypatch):
+def test_day_filters_every_real_frame_once(monkeypatch, tmp_path):
     # The agent acts on the posterior state of each frame: h_t = f(h_{t-1}, z_{t-1}, a_{t-1}) once per frame. A
     # frame filtered twice advances h with the same action twice.
     args = tiny_args(num_envs=2, day_epochs=3, day_steps=8, seed_episodes=1, seq_len=8, wm_updates=1,
@@ -84,9 +79,9 @@ def test_day_filters_every_real_frame_once(monkeypatch):
 
     monkeypatch.setattr(wm, "filter_step", recording_filter_step)
     dataset = dreamer_ppo.ReplayDataset(args.num_envs, 100)
-    log = RecordingLog()
     scale = dreamer_ppo.ReturnScale(0.99)
-    progress = dreamer_ppo.day(args, wm, agent, wm_opt, agent_opt, scale, dataset, envs, log, CPU)
+    log = RecordingRun(tmp_path, args, dreamer_ppo.stateful(wm, agent, wm_opt, agent_opt, scale), dataset, envs)
+    dreamer_ppo.day(args, wm, agent, wm_opt, agent_opt, scale, dataset, envs, CPU, log)
     # seed episodes: 8 steps (one 5-step episode, then enough for a sequence of 8), frames 0..7, unfiltered;
     # then 3 epochs of 8 / 2 = 4 steps: the agent acts on frames 8..19, each filtered once (frame 20, after
     # the last step, may or may not be)
@@ -94,23 +89,24 @@ def test_day_filters_every_real_frame_once(monkeypatch):
     assert (dataset.steps()["obs"][0, :, 0, 0, 0] == np.arange(20)).all()
     # the x-axis counts real steps of both environments, 8 per epoch, the 16 of the seed episodes left out
     assert [s for tag, s, _ in log.points if tag == "charts/test_return"] == [8, 16, 24]
-    assert progress["step"] == 24
+    assert log.pos.step == 24
     assert set(range(8, 20)) <= set(filtered) <= set(range(8, 21))
     assert filtered == sorted(set(filtered)), f"frames filtered (a repeat is a frame filtered twice): {filtered}"
 
 
-def test_a_day_resumed_at_its_end_returns_its_checkpoints_test_return():
+def test_a_day_resumed_at_its_end_runs_no_epoch(tmp_path):
     # A run resumed from the checkpoint of the day's last epoch (its nights still to run) runs no day epoch: the day
-    # ends where the checkpoint says, with its test return.
+    # ends where the checkpoint says, with its test return, and logs nothing.
     args = tiny_args(num_envs=2, day_epochs=2)
     wm, agent = make_models(args)
     wm_opt, agent_opt = make_optimizers(wm, agent, args)
-    h, z = wm.initial(2), torch.zeros(2, wm.C, wm.J)
-    state = dreamer_ppo.DayState(obs=StampedEnv(2, 3, 0).observe()["rgb"], is_first=np.zeros(2, bool),
-                                 score=np.zeros(2), h=h, z=z, epoch=2, step=200, test_return=3.5)
-    progress = dreamer_ppo.day(args, wm, agent, wm_opt, agent_opt, dreamer_ppo.ReturnScale(0.99), None,
-                               StampedEnv(2, length=3, tag=0), RecordingLog(), CPU, None, state)
-    assert progress == dict(step=200, test_return=3.5)
+    acting = dict(obs=StampedEnv(2, 3, 0).observe()["rgb"], is_first=np.zeros(2, bool), score=np.zeros(2),
+                  h=wm.initial(2), z=torch.zeros(2, wm.C, wm.J))
+    pos = dreamer_ppo.Position("day", epoch=2, step=200, test_return=3.5)
+    run = RecordingRun(tmp_path, args, pos=pos, acting=acting)
+    dreamer_ppo.day(args, wm, agent, wm_opt, agent_opt, dreamer_ppo.ReturnScale(0.99), None,
+                    StampedEnv(2, length=3, tag=0), CPU, run)
+    assert run.pos == dreamer_ppo.Position("day", epoch=2, step=200, test_return=3.5) and run.points == []
 
 
 class EpisodeProbe:
@@ -195,7 +191,7 @@ def charts(log):
 
 
 @pytest.mark.parametrize("overlap", [True, False])
-def test_an_epochs_evaluation_scores_the_weights_at_its_end(monkeypatch, overlap):
+def test_an_epochs_evaluation_scores_the_weights_at_its_end(monkeypatch, tmp_path, overlap):
     # With --eval-overlap the evaluation runs in a thread while the next epoch trains: it scores a copy of the
     # weights of the epoch it belongs to, not the weights training changes under it, and its returns are logged at
     # that epoch's step once it is done. Without, at once. The same returns either way.
@@ -203,9 +199,9 @@ def test_an_epochs_evaluation_scores_the_weights_at_its_end(monkeypatch, overlap
     args = tiny_args(num_envs=3, test_repetitions=2, eval_overlap=overlap)
     wm, agent = make_models(args)
     expected = dreamer_ppo.evaluate(wm, agent, args, 100, CPU)
-    log = RecordingLog()
-    evaluation = dreamer_ppo.Evaluator(wm, agent, args, CPU, log)
-    evaluation.start(wm, agent, "day", 1, 2, 100, "train -")
+    log = RecordingRun(tmp_path, args, pos=dreamer_ppo.Position("day", 1, 100))
+    evaluation = dreamer_ppo.Evaluator(args, CPU, log)
+    evaluation.start(wm, agent, "train -")
     assert bool(charts(log)) is not overlap  # logged at once, or once it is done
     with torch.no_grad():  # the next epoch trains: the policy now always takes action 0 (reward 0)
         agent.actor[-1].weight.zero_()
@@ -216,15 +212,15 @@ def test_an_epochs_evaluation_scores_the_weights_at_its_end(monkeypatch, overlap
     assert evaluation.finish() == expected["test_return"] and len(charts(log)) == 2  # nothing logged twice
 
 
-def test_an_error_in_the_background_evaluation_reaches_the_run(monkeypatch):
+def test_an_error_in_the_background_evaluation_reaches_the_run(monkeypatch, tmp_path):
     def no_environments(*args):
         raise RuntimeError("no environments here")
 
     monkeypatch.setattr(dreamer_ppo, "make_env", no_environments)
     args = tiny_args(eval_overlap=True)
     wm, agent = make_models(args)
-    evaluation = dreamer_ppo.Evaluator(wm, agent, args, CPU, RecordingLog())
-    evaluation.start(wm, agent, "night", 1, 2, 100, "")
+    evaluation = dreamer_ppo.Evaluator(args, CPU, RecordingRun(tmp_path, args, pos=dreamer_ppo.Position("night", 1, 100)))
+    evaluation.start(wm, agent, "")
     with pytest.raises(RuntimeError, match="no environments here"):
         evaluation.finish()
 

@@ -283,7 +283,7 @@ def offline_runs(tmp_path_factory):
     checkpoint = single_run_dir(day) / "day.pt"
     code, out, err = finish(run_variant("offline", ["--day-checkpoint", str(checkpoint), *NIGHT_FLAGS], resumed))
     assert code == 0, f"{out[-3000:]}\n{err[-3000:]}"
-    day_end = torch.load(checkpoint, weights_only=False)["progress"]["step"]
+    day_end = torch.load(checkpoint, weights_only=False)["position"]["step"]
     return day_end, {name: scalars(single_run_dir(cwd)) for name, cwd in (("scratch", scratch), ("checkpoint", resumed))}
 
 

@@ -2,6 +2,8 @@
 exits 75, a damaged checkpoint is refused in one line, a non-finite loss stops the run naming its term, and a
 run directory without room is refused before the work."""
 
+import dataclasses
+import importlib
 import random
 import re
 import signal
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 import dreamer_ppo
-from conftest import SIZE_FLAGS, finish, make_models, make_optimizers, run_script, tiny_args
+from conftest import SIZE_FLAGS, VARIANTS, RecordingRun, finish, make_models, make_optimizers, run_script, tiny_args
 from test_end_to_end import scalars
 
 DAY_EPOCHS, NIGHT_EPOCHS = 4, 3
@@ -44,7 +46,7 @@ def same_run(a, b):
     for key in ("world_model", "agent"):
         for name, value in final[0][key].items():
             assert torch.allclose(final[1][key][name], value, rtol=0, atol=1e-6), f"{key}.{name}"
-    assert final[0]["progress"] == final[1]["progress"]
+    assert final[0]["position"] == final[1]["position"]
     curves = [scalars(d) for d in (a, b)]
     assert {t for t in curves[0] if not timed(t)} == {t for t in curves[1] if not timed(t)}
     for tag, points in curves[1].items():
@@ -94,6 +96,21 @@ def test_a_run_killed_by_day_and_by_night_ends_as_the_run_never_killed(tmp_path)
     assert {t: v for t, v in after.items() if not timed(t)} == {t: v for t, v in before.items() if not timed(t)}
 
 
+def test_a_run_killed_after_the_next_epochs_diagnostics_logs_each_point_once(tmp_path):
+    """With the evaluation overlapped (the default), day epoch 3's line comes during epoch 4, after the last
+    checkpoint (epoch 2) and after what the run logs between epochs (the open-loop diagnostic): killed there and
+    resumed, the run logs every point once, as the run never killed."""
+    flags = [*SIZE_FLAGS, "--day-epochs", "4", "--night-epochs", "0", "--checkpoint-every", "2"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    code, _, err = run_until([*flags, "--run-dir", str(whole)], tmp_path)
+    assert code == 0, err[-3000:]
+    code, _, _ = run_until([*flags, "--run-dir", str(killed), "--resume"], tmp_path, "[day 3/")
+    assert code == -signal.SIGKILL
+    code, out, err = run_until([*flags, "--run-dir", str(killed), "--resume"], tmp_path)
+    assert code == 0 and "resumed from the checkpoint of day epoch 2 " in out, err[-3000:]
+    same_run(whole, killed)
+
+
 def test_sigterm_checkpoints_and_exits_75_then_the_night_resumes(tmp_path):
     """A night from a day checkpoint (collected initial states: it reads the day's replay) stopped by SIGTERM at a
     night epoch checkpoints at the end of the epoch it is in and exits with 75; resumed, it ends as the night never
@@ -110,7 +127,7 @@ def test_sigterm_checkpoints_and_exits_75_then_the_night_resumes(tmp_path):
     stopped = [*night, "--run-dir", str(tmp_path / "stopped"), "--resume"]
     code, out, err = run_until(stopped, tmp_path, "[night 1/", send=signal.SIGTERM)
     assert code == dreamer_ppo.PREEMPTED and "SIGTERM" in err and "--resume" in err
-    epoch = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)["progress"]["epoch"]
+    epoch = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=False)["position"]["epoch"]
     assert epoch in (1, 2) and f"[night {epoch + 1}/" not in out  # it stopped at the end of the epoch it was in
     assert f"the run stops at the end of night epoch {epoch}/{NIGHT_EPOCHS}" in err  # the epoch named
     code, out, err = run_until(stopped, tmp_path)
@@ -127,8 +144,13 @@ def tiny_run(run_dir, **changes):
     wm_opt, agent_opt = make_optimizers(wm, agent, args)
     scale, dataset = dreamer_ppo.ReturnScale(args.return_scale_decay), dreamer_ppo.ReplayDataset(args.num_envs, 10)
     run_dir.mkdir(exist_ok=True)
-    checkpoint = dreamer_ppo.Checkpoints(str(run_dir), args, dreamer_ppo.stateful(wm, agent, wm_opt, agent_opt, scale),
-                                         dataset)
+    run = RecordingRun(run_dir, args, dreamer_ppo.stateful(wm, agent, wm_opt, agent_opt, scale), dataset)
+
+    def checkpoint(phase, epoch, step, test_return):
+        """The end of `phase` epoch `epoch` at `step`, whose evaluation returned `test_return`."""
+        run.pos = dreamer_ppo.Position(phase, epoch, step, test_return)
+        run.checkpoint()
+
     return Run(args, wm, agent, wm_opt, agent_opt, scale, dataset, checkpoint)
 
 
@@ -139,10 +161,10 @@ def latest(run_dir, args):
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_resume_refuses_a_damaged_checkpoint_in_one_line(tmp_path, damage):
     run = tiny_run(tmp_path)
-    run.checkpoint("night", 1, 3, 40, lambda: 1.0)
-    run.checkpoint("night", 2, 3, 80, lambda: 2.0)
-    assert latest(tmp_path, run.args)["progress"] == dict(phase="night", epoch=2, step=80, test_return=2.0,
-                                                          replay_size=0)
+    run.checkpoint("night", 1, 40, 1.0)
+    run.checkpoint("night", 2, 80, 2.0)
+    assert latest(tmp_path, run.args)["position"] == dict(phase="night", epoch=2, step=80, test_return=2.0,
+                                                          day_final=None)
     path = tmp_path / "checkpoint.pt"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x00" * len(data))
@@ -153,9 +175,19 @@ def test_resume_refuses_a_damaged_checkpoint_in_one_line(tmp_path, damage):
     assert "\n" not in message
 
 
+@pytest.mark.parametrize("name", ("", *(f"_{v}" for v in VARIANTS), "_offline"))
+def test_the_checkpoint_flag_lists_name_real_flags(name):
+    # A misspelt name in DAY_FIXED, RESUMABLE or DAY_ONLY would leave its flag unchecked (or unlisted) silently; a
+    # flag a resumed run may change is not one a night must share with its day.
+    module = importlib.import_module(f"dreamer_ppo{name}")
+    names = {f.name for f in dataclasses.fields(module.Args)}
+    assert set(module.DAY_FIXED) | set(module.RESUMABLE) | set(module.DAY_ONLY) <= names
+    assert not set(module.RESUMABLE) & (set(module.DAY_FIXED) | set(module.DAY_ONLY))
+
+
 def test_resume_refuses_other_flags_and_allows_bookkeeping(tmp_path):
     run = tiny_run(tmp_path)
-    run.checkpoint("day", 2, 2, 200, lambda: 0.0)  # the end of the day
+    run.checkpoint("day", 2, 200, 0.0)  # the end of the day
     assert latest(tmp_path, tiny_args(run_dir=str(tmp_path), resume=True, checkpoint_every=5, cuda=True)) is not None
     with pytest.raises(SystemExit) as e:
         latest(tmp_path, tiny_args(run_dir=str(tmp_path), resume=True, horizon=7))
@@ -166,13 +198,13 @@ def test_checkpoints_every_k_epochs_and_day_pt_at_the_end_of_the_day(tmp_path):
     run = tiny_run(tmp_path, checkpoint_every=2, save_day=True, day_epochs=3)
     written = []
     for epoch in (1, 2, 3):
-        run.checkpoint("day", epoch, 3, 100 * epoch, lambda: 0.0)
-        written.append(latest(tmp_path, run.args)["progress"]["epoch"] if (tmp_path / "checkpoint.pt").exists()
+        run.checkpoint("day", epoch, 100 * epoch, 0.0)
+        written.append(latest(tmp_path, run.args)["position"]["epoch"] if (tmp_path / "checkpoint.pt").exists()
                        else None)
         assert (tmp_path / "day.pt").exists() == (epoch == 3)
     assert written == [None, 2, 3]  # epoch 1: none (every 2); the end of the day: one
-    assert torch.load(tmp_path / "day.pt", weights_only=False)["progress"]["epoch"] == 3
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["checkpoint.pt", "day.pt"]  # no temporary file left
+    assert torch.load(tmp_path / "day.pt", weights_only=False)["position"]["epoch"] == 3
+    assert sorted(f.name for f in tmp_path.iterdir() if "tfevents" not in f.name) == ["checkpoint.pt", "day.pt"]  # no .tmp
 
 
 @pytest.mark.parametrize("module, term, others", [("decoder", "image", ["reward", "cont"]),
@@ -197,7 +229,7 @@ def test_a_non_finite_loss_stops_the_run_naming_its_term(tmp_path, monkeypatch, 
     message = str(e.value)
     assert f"{term} (nan)" in message and "day epoch 2" in message and "last checkpoint is kept" in message
     assert not any(f"{other} (" in message for other in others)
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["progress"]["epoch"] == 1
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["position"]["epoch"] == 1
 
 
 def test_a_run_directory_without_room_is_refused_before_the_work(tmp_path, monkeypatch):

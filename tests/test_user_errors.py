@@ -21,7 +21,7 @@ from packaging.specifiers import SpecifierSet
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dreamer_ppo
-from conftest import SCRIPT, SIZE_FLAGS, TINY, finish, run_script, tiny_args
+from conftest import SCRIPT, SIZE_FLAGS, TINY, RecordingRun, finish, run_script, tiny_args
 
 ROOT = SCRIPT.parent
 SCRIPTS = sorted(p.name for p in ROOT.glob("dreamer_ppo*.py"))
@@ -175,7 +175,7 @@ def test_gym_banner_is_silenced_but_not_other_warnings():
 ])
 def test_hyperparameters_log_the_resolved_shaping(monkeypatch, tmp_path, env_id, penalty, logged):
     monkeypatch.chdir(tmp_path)
-    log = dreamer_ppo.Logger("runs/run", tiny_args(env_id=env_id, penalty=penalty), 4)
+    log = RecordingRun("runs/run", dreamer_ppo.resolved(tiny_args(env_id=env_id, penalty=penalty)))
     log.writer.close()
     acc = EventAccumulator(str(tmp_path / "runs" / "run"), size_guidance={"tensors": 0})
     acc.Reload()
@@ -188,9 +188,9 @@ def test_time_left_is_estimated_per_phase(monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
     clock = iter([0.0, 100.0, 130.0, 160.0, 178.0, 184.0, 190.0])  # start, 3 day epochs, 3 night epochs
     monkeypatch.setattr(dreamer_ppo, "time", SimpleNamespace(time=lambda: next(clock)))
-    log = dreamer_ppo.Logger("run", tiny_args(), total_epochs=6)
+    log = RecordingRun("run", tiny_args(day_epochs=3, night_epochs=3))
     for phase, epoch in (("day", 1), ("day", 2), ("day", 3), ("night", 1), ("night", 2), ("night", 3)):
-        log.progress(phase, epoch, 3, 0, "")
+        log.progress(phase, epoch, 0, "")
     log.writer.close()
     lines = [line.split(" | ")[1] for line in capsys.readouterr().out.splitlines()]
     assert lines == [
@@ -213,7 +213,7 @@ def test_a_day_checkpoint_directory_is_refused_naming_its_day_pt(tmp_path):
 def test_hyperparameters_log_what_the_run_uses(monkeypatch, tmp_path):
     # not the flags as typed: --cuda on a CPU-only machine runs on the CPU, --run-dir None writes to a folder
     monkeypatch.chdir(tmp_path)
-    dreamer_ppo.Logger("runs/run", tiny_args(cuda=True), 4, device=torch.device("cpu")).writer.close()
+    RecordingRun("runs/run", tiny_args(cuda=True)).writer.close()
     acc = EventAccumulator(str(tmp_path / "runs" / "run"), size_guidance={"tensors": 0})
     acc.Reload()
     text = acc.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
@@ -228,11 +228,12 @@ def test_hyperparameters_log_what_the_run_uses(monkeypatch, tmp_path):
     ("day epoch 3/4", ["dreamer_ppo.py", "--run-dir=runs/run"], "interrupted: the checkpoint of day epoch 3/4 is "
      "runs/run/checkpoint.pt; continue with: python dreamer_ppo.py --run-dir=runs/run --resume"),
 ])
-def test_interrupted_says_what_was_saved_and_the_command_that_continues(monkeypatch, latest, argv, words):
+def test_interrupted_says_what_was_saved_and_the_command_that_continues(monkeypatch, tmp_path, latest, argv, words):
     monkeypatch.setattr(sys, "argv", argv)
-    checkpoint = dreamer_ppo.Checkpoints("runs/run", tiny_args(), {}, None)
-    checkpoint.latest = latest  # as the run's last checkpoint sets it
-    assert checkpoint.interrupted() == words
+    monkeypatch.chdir(tmp_path)
+    run = RecordingRun("runs/run", tiny_args())
+    run.latest = latest  # as the run's last checkpoint sets it
+    assert run.interrupted() == words
 
 
 @pytest.mark.parametrize("flags, wait_for, saved", [
@@ -259,5 +260,6 @@ def test_ctrl_c_ends_with_one_line_and_code_130(tmp_path, flags, wait_for, saved
         assert argv[:2] == ["python", str(SCRIPT)]
         args = tyro.cli(dreamer_ppo.Args, args=argv[2:])
         dreamer_ppo.check_args(args)
-        ckpt = dreamer_ppo.read_checkpoint(str(tmp_path / args.run_dir / "checkpoint.pt"), args, "--resume")
-        assert ckpt["progress"]["phase"] == "day"
+        ckpt = dreamer_ppo.read_checkpoint(str(tmp_path / args.run_dir / "checkpoint.pt"), dreamer_ppo.resolved(args),
+                                           "--resume")
+        assert ckpt["position"]["phase"] == "day"
