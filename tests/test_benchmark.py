@@ -929,7 +929,7 @@ def test_speed_table_at_tiny_size(tmp_path, script, night_parts):
     assert "peak GPU memory" not in rates  # on the CPU
     # the run's last line adds up each part of each phase
     summary = (tmp_path / Path(script).stem / "seed1" / runner.LOG).read_text().strip().splitlines()[-1]
-    assert summary.startswith("time by phase (s): day: diagnostics ")
+    assert summary.startswith("time by phase (s): day: world_model ")
     assert all(f" {p} " in summary for _, p in parts)
 
 
