@@ -341,6 +341,17 @@ def test_night_only_from_a_day_checkpoint(day_runs, tmp_path):
     assert not any(tag.startswith("world_model/") for tag in tags)  # no day in this run
     assert "dream/reward_mean" in tags
     assert not (single_run_dir(tmp_path) / "day.pt").exists()  # no --save-day
+    # its first lines quote the day's final evaluation (what the night's final is compared with), and name only the
+    # night's flags that differ from the paper's protocol (not the day's, which a night does not read)
+    day_final = {tag: day["scalars"][f"final/{tag}"][0][1] for tag in ("test_return", "test_return_se",
+                                                                      "train_levels_return", "train_levels_return_se")}
+    assert (f"the day ended at step {day_end:,}; its final evaluation: test {day_final['test_return']:.2f} ± "
+            f"{day_final['test_return_se']:.2f}, train levels {day_final['train_levels_return']:.2f} ± "
+            f"{day_final['train_levels_return_se']:.2f}") in out
+    line = next(line for line in out.splitlines() if line.startswith("not the paper's protocol"))
+    changed = set(line[line.index("(") + 1: line.index(" changed)")].split())
+    assert {"--horizon", "--night-epochs", "--init-states"} <= changed
+    assert not changed & {"--day-epochs", "--day-steps", "--wm-updates", "--categoricals", "--rnn-units"}
 
 
 def test_night_reads_the_replay_only_when_it_needs_real_data(day_runs, tmp_path):
