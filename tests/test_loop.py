@@ -288,3 +288,18 @@ def test_the_day_trains_on_the_levels_from_start_level(monkeypatch, tmp_path):
     dreamer_ppo.main(args)
     episodes = args.num_envs * args.test_repetitions
     assert made == [(args.num_envs, 8, 1000), (episodes, 0, 0), (episodes, 8, 1000), (2, 0, 0), (2, 8, 1000)]
+
+
+def test_the_clock_leaves_a_nested_part_out_of_the_part_around_it(monkeypatch):
+    # The transformation is timed inside the dreaming: time/dreaming counts the dreams without it, and the parts are
+    # listed in the order they start (the epoch's line and time summary read them so).
+    now = iter([0.0, 1.0, 4.0, 10.0, 10.0, 12.0])
+    monkeypatch.setattr(dreamer_ppo, "time", SimpleNamespace(time=lambda: next(now)))
+    clock = dreamer_ppo.Stopwatch()
+    with clock("dreaming"):  # 0 to 10
+        with clock("transformation"):  # 1 to 4
+            pass
+    with clock("ppo"):  # 10 to 12
+        pass
+    assert clock == {"dreaming": 7.0, "transformation": 3.0, "ppo": 2.0}
+    assert list(clock) == ["dreaming", "transformation", "ppo"]
