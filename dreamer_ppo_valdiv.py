@@ -1079,6 +1079,8 @@ def atomic_save(obj, path):
     finally:
         if os.path.exists(f"{path}.tmp"):
             os.remove(f"{path}.tmp")
+
+
 def save_new_steps(dataset, directory):
     """Write the steps added to `dataset` since the last call to `directory`, one chunk named by its first step: the
     real data reach the disk once per day epoch, and a checkpoint only counts them."""
@@ -1166,7 +1168,8 @@ class Stopwatch(dict):
 
     @contextlib.contextmanager
     def __call__(self, part):
-        start, _ = time.time(), self.setdefault(part, 0.0)  # the parts listed in the order they start
+        self.setdefault(part, 0.0)  # the parts listed in the order they start
+        start = time.time()
         self.inner.append(0.0)
         try:
             yield
@@ -1193,7 +1196,7 @@ class Run:
         """From `pos` (and the day's `acting` state) of a checkpoint: a resumed run's own (what it logged after it is
         purged, TensorBoard's purge_step, so that the curves go on without a repeated point) or a night's day.pt."""
         self.run_dir, self.args, self.objects, self.dataset, self.envs = run_dir, args, objects, dataset, envs
-        self.pos, self.acting = pos, acting and DayState(**acting)
+        self.device, self.pos, self.acting = device, pos, acting and DayState(**acting)
         self.latest = f"{pos}" if resumed else None  # the last checkpoint written (or resumed from), in words
         self.signal, self.in_epoch, self.clock, self.epoch_start = None, False, Stopwatch(), 0
         params = dict(vars(args), run_dir=run_dir, cuda=device.type == "cuda", device=str(device),
@@ -1220,6 +1223,10 @@ class Run:
     def last_epoch(self, phase):
         return self.args.day_epochs if phase == "day" else self.args.night_epochs
 
+    def phase_ends(self):
+        """Whether the epoch at the run's position is its phase's last."""
+        return self.pos.epoch == self.last_epoch(self.pos.phase)
+
     def epochs(self, phase):
         """The epochs of `phase` still to run (after a resumed position's), each timed by a new clock."""
         if self.pos.phase != phase:
@@ -1231,7 +1238,7 @@ class Run:
     def end_epoch(self, text, acting=None, **scalars):
         """An epoch's end: its scalars and SPS, its evaluation (line "test {return} {text} SPS {sps}"), its time/*,
         at the phase's end the final evaluation, then the checkpoint (with the day's `acting` state)."""
-        pos, clock, last = self.pos, self.clock, self.pos.epoch == self.last_epoch(self.pos.phase)
+        pos, clock = self.pos, self.clock
         check_finite(scalars["losses"], "agent", pos.phase, pos.epoch)
         # Steps a second of acting or dreaming and of PPO (by day without the world model's updates).
         sps = (pos.step - self.epoch_start) / sum(v for k, v in clock.items() if k not in ("world_model", "diagnostics"))
@@ -1245,17 +1252,18 @@ class Run:
         totals = self.totals.setdefault(pos.phase, {})
         for key, value in clock.items():
             totals[key] = totals.get(key, 0.0) + value
-        if last:
+        if self.phase_ends():
             self.evaluation.finish()
-            final = final_evaluation(self.objects["world_model"], self.objects["agent"], self.args,
-                                     self.evaluation.device, self, pos.phase, pos.step)
-            pos.day_final = final if pos.phase == "day" else pos.day_final
+            final = final_evaluation(self.objects["world_model"], self.objects["agent"], self.args, self.device, self,
+                                     pos.phase, pos.step)
+            if pos.phase == "day":
+                pos.day_final = final
         self.checkpoint(acting)
         self.in_epoch = False
 
     def checkpoint(self, acting=None):
         """checkpoint.pt (and day.pt) at the end of an epoch when one is due; the real data added by day (replay/)."""
-        pos, every, last = self.pos, self.args.checkpoint_every, self.pos.epoch == self.last_epoch(self.pos.phase)
+        pos, every, last = self.pos, self.args.checkpoint_every, self.phase_ends()
         if pos.phase == "day":
             save_new_steps(self.dataset, os.path.join(self.run_dir, "replay"))
         if not (last or (every and pos.epoch % every == 0) or self.signal):

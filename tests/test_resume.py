@@ -241,3 +241,21 @@ def test_a_run_directory_without_room_is_refused_before_the_work(tmp_path, monke
         dreamer_ppo.check_disk(str(tmp_path), args, wm, agent, day_to_run=True)
     assert "--run-dir" in str(e.value) and "10.00 GiB free" in str(e.value) and "real data 11.46 GiB" in str(e.value)
     dreamer_ppo.check_disk(str(tmp_path), args, wm, agent, day_to_run=False)  # a night writes checkpoints only
+
+
+@pytest.mark.parametrize("pos, in_epoch, named", [
+    (dreamer_ppo.Position("day", 2), True, "day epoch 2/3"),  # in an epoch: that epoch
+    (dreamer_ppo.Position("day", 2), False, "day epoch 3/3"),  # between epochs (its checkpoint done): the next
+    (dreamer_ppo.Position("day", 3), False, "night epoch 1/2"),  # the day done, the night not begun
+    (dreamer_ppo.Position(), False, "day epoch 1/3"),  # the seed episodes
+])
+def test_a_stop_signal_names_the_epoch_at_whose_end_the_run_stops(tmp_path, capsys, pos, in_epoch, named):
+    run = RecordingRun(tmp_path, tiny_args(day_epochs=3, night_epochs=2), pos=pos)
+    run.in_epoch = in_epoch
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        run.on_stop_signal(signal.SIGUSR1, None)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert capsys.readouterr().err == f"SIGUSR1: the run stops at the end of {named}, with a checkpoint\n"
+    assert run.signal == "SIGUSR1"
