@@ -1016,8 +1016,9 @@ def stateful(wm, agent, wm_optimizer, agent_optimizer, return_scale):
 def run_state(objects, args, pos, replay_size, acting=None):
     """What a run goes on from at the end of an epoch: the state of each of `objects`, the arguments, its position,
     the size of the real data (on disk already) and the day's `acting` state."""
+    states = {k: x.state_dict() if hasattr(x, "state_dict") else vars(x) for k, x in objects.items()}
     return dict(format=CHECKPOINT_FORMAT, args=asdict(args), position=asdict(pos), replay_size=replay_size,
-                acting=acting, **{k: x.state_dict() if hasattr(x, "state_dict") else vars(x) for k, x in objects.items()})
+                acting=acting, **states)
 
 
 def restore(ckpt, objects, dataset, replay=None):
@@ -1198,7 +1199,8 @@ class Run:
         pos, clock = self.pos, self.clock
         check_finite(scalars["losses"], "agent", pos.phase, pos.epoch)
         # Steps a second of acting or dreaming and of PPO (by day without the world model's updates).
-        sps = (pos.step - self.epoch_start) / sum(v for k, v in clock.items() if k not in ("world_model", "diagnostics"))
+        seconds = sum(v for k, v in clock.items() if k not in ("world_model", "diagnostics"))
+        sps = (pos.step - self.epoch_start) / seconds
         for family, values in dict(scalars, charts=dict(scalars.get("charts", {}), SPS=sps)).items():
             self.scalars(family, values, pos.step)
         with clock("evaluation"):
@@ -1412,8 +1414,8 @@ def final_evaluation(wm, agent, args, device, log, phase, step):
 
 def described(returns):
     """Returns with their standard errors, in words: "test 2.50 ± 0.99, train levels 3.00 ± 0.80"."""
-    return ", ".join(f"{name.removesuffix('_return').replace('_', ' ')} {returns[name]:.2f} ± {returns[name + '_se']:.2f}"
-                     for name in returns if not name.endswith("_se"))
+    return ", ".join(f"{name.removesuffix('_return').replace('_', ' ')} {returns[name]:.2f} ± "
+                     f"{returns[name + '_se']:.2f}" for name in returns if not name.endswith("_se"))
 
 
 # %% diagnostics

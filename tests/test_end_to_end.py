@@ -219,7 +219,8 @@ def test_the_checkpoint_format_names_the_model():
 
 
 @pytest.mark.parametrize("change, words", [
-    (dict(position=dict(phase="night", epoch=1, step=9, test_return=0.0, day_final=None)), ["during a night", "day.pt"]),
+    (dict(position=dict(phase="night", epoch=1, step=9, test_return=0.0, day_final=None)),
+     ["during a night", "day.pt"]),
     (dict(format=dreamer_ppo.CHECKPOINT_FORMAT - 1), ["older version", "--save-day"]),
 ])
 def test_load_checkpoint_refuses_a_night_or_an_old_checkpoint(tmp_path, change, words):

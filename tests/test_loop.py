@@ -12,7 +12,6 @@ import dreamer_ppo
 from conftest import CPU, NUM_ACTIONS, RecordingRun, make_models, make_optimizers, tiny_args
 
 
-
 class StampedEnv:
     """A ProcgenEnv stand-in (same interface, auto-resetting, reset() does not restart an episode): every frame
     carries its running number in pixels [0, 0, 0:2] and `tag` in pixel [0, 0, 2]; episodes last `length` steps."""
@@ -219,7 +218,8 @@ def test_an_error_in_the_background_evaluation_reaches_the_run(monkeypatch, tmp_
     monkeypatch.setattr(dreamer_ppo, "make_env", no_environments)
     args = tiny_args(eval_overlap=True)
     wm, agent = make_models(args)
-    evaluation = dreamer_ppo.Evaluator(args, CPU, RecordingRun(tmp_path, args, pos=dreamer_ppo.Position("night", 1, 100)))
+    run = RecordingRun(tmp_path, args, pos=dreamer_ppo.Position("night", 1, 100))
+    evaluation = dreamer_ppo.Evaluator(args, CPU, run)
     evaluation.start(wm, agent, "")
     with pytest.raises(RuntimeError, match="no environments here"):
         evaluation.finish()

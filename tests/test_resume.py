@@ -204,7 +204,8 @@ def test_checkpoints_every_k_epochs_and_day_pt_at_the_end_of_the_day(tmp_path):
         assert (tmp_path / "day.pt").exists() == (epoch == 3)
     assert written == [None, 2, 3]  # epoch 1: none (every 2); the end of the day: one
     assert torch.load(tmp_path / "day.pt", weights_only=False)["position"]["epoch"] == 3
-    assert sorted(f.name for f in tmp_path.iterdir() if "tfevents" not in f.name) == ["checkpoint.pt", "day.pt"]  # no .tmp
+    left = sorted(f.name for f in tmp_path.iterdir() if "tfevents" not in f.name)
+    assert left == ["checkpoint.pt", "day.pt"]  # no temporary file left
 
 
 @pytest.mark.parametrize("module, term, others", [("decoder", "image", ["reward", "cont"]),
