@@ -339,11 +339,12 @@ def levels_of(out, game, seed):
 
 
 def final_rows(data, games, seeds, methods, ends, out):
-    """One dict per (game, method, seed) of the nights, with CSV_COLUMNS: NaN where a value is missing."""
+    """One dict per (game, method, seed) of the nights whose day has finished (its N known), with CSV_COLUMNS: NaN
+    where a value is missing."""
     rows = []
     for game in games:
         for m in methods:
-            for s in seeds:
+            for s in filter(data[game, DAY].__contains__, seeds):
                 day, night = data[game, DAY].get(s, {}), data[game, m].get(s, {})
                 values = {f"{when}_{levels}final{se}": final(run, key + se)  # e.g. day_train_final_se
                           for when, run in (("day", day), ("night", night))

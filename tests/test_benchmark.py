@@ -782,6 +782,18 @@ def test_the_runs_levels_come_from_the_days_command(tmp_path):
     assert plot.levels_of(tmp_path, "coinrun", 4) == plot.levels_of(tmp_path, "coinrun", 5) == 200
 
 
+def test_the_csv_has_no_row_for_a_seed_whose_day_has_not_finished(tmp_path):
+    """Its N is unknown: a row with the paper's 200 would replace that regime's real row when CSVs are merged."""
+    day = runner.run_dir(tmp_path, "coinrun", runner.DAY, 4)
+    day.mkdir(parents=True)
+    (day / runner.DONE).write_text(json.dumps(dict(cmd=["python", "dreamer_ppo.py", "--num-levels", "4"])))
+    final = {tag: (np.array([100]), np.array([v])) for tag, v in zip(plot.FINAL.values(), range(1, 10))}
+    data = {("coinrun", runner.DAY): {4: final}, ("coinrun", "rnd"): {4: final, 5: final}}
+    rows = plot.final_rows(data, ["coinrun"], [4, 5], ["rnd"], {"coinrun": 100}, tmp_path)
+    assert [(r["seed"], r["num_levels"]) for r in rows] == [(4, 4)]
+    assert rows[0]["day_final"] == rows[0]["night_final"] == final[plot.FINAL["test"]][1][0]
+
+
 def lines_of(fig):
     """{label: Line2D} of the figure's first panel."""
     return {line.get_label(): line for line in fig.axes[0].get_lines()}
