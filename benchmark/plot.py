@@ -344,8 +344,8 @@ def final_rows(data, games, seeds, methods, ends, out):
     rows = []
     for game in games:
         for m in methods:
-            for s in filter(data[game, DAY].__contains__, seeds):
-                day, night = data[game, DAY].get(s, {}), data[game, m].get(s, {})
+            for s in (s for s in seeds if s in data[game, DAY]):
+                day, night = data[game, DAY][s], data[game, m].get(s, {})
                 values = {f"{when}_{levels}final{se}": final(run, key + se)  # e.g. day_train_final_se
                           for when, run in (("day", day), ("night", night))
                           for levels, key in (("", "test"), ("train_", "train")) for se in ("", "_se")}
