@@ -82,6 +82,7 @@ CSV_COLUMNS = ("game", "method", "seed", "day_final", "day_final_se", "night_fin
                "day_train_final", "day_train_final_se", "night_train_final", "night_train_final_se", "day_last10",
                "night_last10", "num_levels")
 METRICS = CSV_COLUMNS[3:13]  # the columns of returns
+DAY_METRICS = tuple(c for c in METRICS if c.startswith("day_"))  # the same in every row of one day's nights
 
 
 def read_run(path, tags=(TEST, TRAIN, *FINAL.values(), *(f"openloop/{k}" for k in OPENLOOP), DREAM_RETURN,
@@ -560,8 +561,9 @@ def write_csv(rows, path):
 def read_csv_rows(paths):
     """The rows of final.csv files (an empty field is NaN; a file without num_levels, older than it, has the paper's
     200); a later file's row replaces an earlier one of the same (game, method, seed, num_levels). A file that is not
-    such a CSV is refused in one line, naming it."""
-    rows = {}
+    such a CSV is refused in one line, naming it, and so are a seed's nights paired with two different days (its day
+    redone, on another CPU say, for some of its nights only)."""
+    rows, source = {}, {}
     for path in paths:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
@@ -573,7 +575,15 @@ def read_csv_rows(paths):
                 row = dict(game=r["game"], method=r["method"], seed=int(r["seed"]),
                            **{c: float(r[c]) if r[c] else np.nan for c in METRICS},
                            num_levels=int(r.get("num_levels") or PAPER_LEVELS))
-                rows[row["game"], row["method"], row["seed"], row["num_levels"]] = row
+                key = row["game"], row["method"], row["seed"], row["num_levels"]
+                rows[key], source[key] = row, path
+    first = {}  # (game, seed, num_levels): the key of its first row, whose day every other row must have
+    for key, row in rows.items():
+        k = first.setdefault((key[0], *key[2:]), key)
+        if c := next((c for c in DAY_METRICS if not np.array_equal(rows[k][c], row[c], equal_nan=True)), None):
+            sys.exit(f"--from-csv: {key[0]} seed {key[2]} ({key[3]} levels) has nights of two different days: {c} "
+                     f"{rows[k][c]:g} in {k[1]}'s row ({source[k]}), {row[c]:g} in {key[1]}'s ({source[key]}); "
+                     "redo the seed's nights from one day, or leave the other day's rows out")
     return list(rows.values())
 
 

@@ -700,11 +700,8 @@ def test_statistics_redone_from_the_csv_alone(synthetic, tmp_path, capsys):
     assert plot.main(["--from-csv", str(synthetic / "figures" / "final.csv")]) == 0
     assert from_runs in capsys.readouterr().out
     rows = list(csv.DictReader((synthetic / "figures" / "final.csv").read_text().splitlines()))
-    later = tmp_path / "later.csv"
-    with open(later, "w", newline="") as f:  # seed 3's RndDreamer night ends 10 points higher
-        writer = csv.DictWriter(f, plot.CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerow({**next(r for r in rows if (r["method"], r["seed"]) == ("rnd", "3")), "night_final": "27"})
+    later = tmp_path / "later.csv"  # seed 3's RndDreamer night ends 10 points higher
+    plot.write_csv([{**next(r for r in rows if (r["method"], r["seed"]) == ("rnd", "3")), "night_final": "27"}], later)
     assert plot.main(["--from-csv", str(synthetic / "figures" / "final.csv"), str(later), "--csv",
                       str(tmp_path / "merged.csv")]) == 0
     t = stats.t.ppf(0.975, 2) / np.sqrt(3)
@@ -716,6 +713,22 @@ def test_statistics_redone_from_the_csv_alone(synthetic, tmp_path, capsys):
     (tmp_path / "bad.csv").write_text("game,seed\ncoinrun,1\n")
     with pytest.raises(SystemExit, match="bad.csv: not a final.csv of benchmark/plot.py"):
         plot.main(["--from-csv", str(tmp_path / "bad.csv")])
+
+
+def test_a_seed_whose_nights_have_two_days_is_refused(synthetic, tmp_path):
+    # a later file that redoes one night of seed 3 from another day (its day redone on another CPU, say) would pair
+    # the other nights of seed 3 with a day they did not start from
+    rows = list(csv.DictReader((synthetic / "figures" / "final.csv").read_text().splitlines()))
+    later = tmp_path / "later.csv"
+    plot.write_csv([{**next(r for r in rows if (r["method"], r["seed"]) == ("rnd", "3")), "day_train_final": "21.5"}],
+                   later)
+    with pytest.raises(SystemExit, match=r"coinrun seed 3 \(200 levels\) has nights of two different days: "
+                                         r"day_train_final 23 in dreamer_random's row .*final.csv\), 21.5 in rnd's "
+                                         r"\(.*later.csv\)"):
+        plot.main(["--from-csv", str(synthetic / "figures" / "final.csv"), str(later)])
+    plot.write_csv([{**r, "day_train_final": "21.5"} for r in rows if r["seed"] == "3"], later)  # the whole seed redone
+    merged = plot.read_csv_rows([synthetic / "figures" / "final.csv", later])
+    assert {r["day_train_final"] for r in merged if r["seed"] == 3} == {21.5}
 
 
 def test_final_table_says_when_no_run_has_it():
