@@ -76,7 +76,7 @@ stop >/dev/null 2>&1 || true
 chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge 2>/dev/null || true
 chmod 400 /etc/munge/munge.key
 runuser -u munge -- nice -n 10 munged
-nice -n 10 slurmctld -i   # -i: forget the jobs of a previous start
+nice -n 10 slurmctld -c   # -c: forget the jobs and node states of a previous start (one killed before its stop)
 nice -n 10 slurmd
 for _ in $(seq 60); do
     if [[ $(sinfo -h -N -o %t 2>/dev/null) == idle ]]; then
